@@ -1,0 +1,546 @@
+"""Datasets, label conversion and augmentations of CLOUDS (reference §1.7, §7, §8.1).
+
+The 19 Cityscapes train-id classes, the dataset layouts the official code reads, the DAFormer/HRDA label-conversion
+tables, and the official augmentations (detectron2 ResizeScale -> FixedSizeCrop -> PointRend SSD colour jitter ->
+RandomFlip for training; ResizeShortestEdge(1024) for testing), written on numpy + PIL like detectron2's transforms.
+
+Usage:
+    python data.py convert gta /data/datasets --nproc 8      # writes *_labelTrainIds.png beside the raw labels
+    python data.py info cityscapes /data/datasets --split val
+    ds = build_dataset("gta", "/data/datasets", transform=TrainTransform())
+    sample = ds.get(0, np.random.default_rng(0))  # {"image" (3,768,768) uint8, "label" (768,768) int64, ...}
+"""
+import argparse
+import functools
+import os
+from dataclasses import dataclass
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+# ---- classes ----
+
+CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
+           "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")  # §7.1
+NUM_CLASSES = len(CLASSES)
+IGNORE_INDEX = 255
+PALETTE = np.array([  # the standard Cityscapes colours (cityscapesScripts labels.py), (19, 3) RGB
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153), (250, 170, 30),
+    (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142),
+    (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32)], dtype=np.uint8)
+SYNTHIA16 = tuple(c for c in range(NUM_CLASSES) if c not in (9, 14, 16))  # §7.3: no terrain, truck, train in SYNTHIA
+
+_COLOR_LUT = np.zeros((256, 3), np.uint8)
+_COLOR_LUT[:NUM_CLASSES] = PALETTE
+_VALID_LUT = np.zeros(256, bool)  # True for the values a train-id label may hold: 0..18 and 255
+_VALID_LUT[:NUM_CLASSES] = _VALID_LUT[IGNORE_INDEX] = True
+
+
+def colorize(label):
+    """Colour a train-id map. Args: label (H, W) int numpy array or tensor. Returns: uint8 (H, W, 3) RGB;
+    255 and any other non-class value are black."""
+    label = label.cpu().numpy() if torch.is_tensor(label) else np.asarray(label)
+    return _COLOR_LUT[np.clip(label, 0, 255).astype(np.uint8)]
+
+
+# ---- label conversion tables (§7.3, tools/convert_datasets from DAFormer/HRDA) ----
+
+# Cityscapes label id -> train id. GTA5 labels hold Cityscapes label ids, so GTA uses the same table.
+CITYSCAPES_TO_TRAIN = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
+                       26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+GTA_TO_TRAIN = CITYSCAPES_TO_TRAIN
+# SYNTHIA id (last channel of the 16-bit GT/LABELS PNG) -> train id. 16 (terrain), 18 (truck), 20 (train) are in the
+# official table but "not present in synthia".
+SYNTHIA_TO_TRAIN = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9, 1: 10, 10: 11, 17: 12, 8: 13,
+                    18: 14, 19: 15, 20: 16, 12: 17, 11: 18}
+# Mapillary Vistas v1.2 id -> train id (road <- road, lane marking, manhole; sidewalk <- curb, sidewalk; pole <- pole,
+# utility pole; rider <- bicyclist, motorcyclist, other rider; train <- on rails).
+MAPILLARY_TO_TRAIN = {13: 0, 24: 0, 41: 0, 2: 1, 15: 1, 17: 2, 6: 3, 3: 4, 45: 5, 47: 5, 48: 6, 50: 7, 30: 8, 29: 9,
+                      27: 10, 19: 11, 20: 12, 21: 12, 22: 12, 55: 13, 61: 14, 54: 15, 58: 16, 57: 17, 52: 18}
+
+
+@functools.lru_cache(maxsize=None)
+def lookup_table(dataset: str) -> np.ndarray:
+    """uint8 lookup table raw id -> train id (everything unlisted -> 255); 65536 entries for 16-bit SYNTHIA."""
+    mapping, size = {"gta": (GTA_TO_TRAIN, 256), "cityscapes": (CITYSCAPES_TO_TRAIN, 256),
+                     "synthia": (SYNTHIA_TO_TRAIN, 65536), "mapillary": (MAPILLARY_TO_TRAIN, 256)}[dataset]
+    lut = np.full(size, IGNORE_INDEX, np.uint8)
+    for raw, train in mapping.items():
+        lut[raw] = train
+    return lut
+
+
+# ---- dataset layouts (§7.2) ----
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one dataset's images and labels live under the datasets root ({split} is filled in)."""
+    folders: tuple          # dataset folder; the first is the documented name, the others accepted aliases
+    images: str             # image folder inside the dataset folder
+    image_suffix: str       # a file name ending that marks an image
+    labels: str = ""        # label folder inside the dataset folder ("" = no labels)
+    label_suffix: str = ""  # replaces image_suffix to give the train-id label's name
+    raw_suffix: str = ""    # the raw label's name ending that `convert` reads ("" = ships train ids)
+    sub: str = ""           # sub-folder level(s) between the split folder and the files; non-empty = search recursively
+    splits: tuple = (("train", "train"),)  # (split name, folder part)
+
+
+# ACDC: the official list shows acdc/rgb_anon/<cond>/val/*_rgb_anon.png, the real release has GOPRxxxx sequence
+# sub-folders; the recursive search accepts both.
+_ACDC = {c: Layout(("acdc",), f"rgb_anon/{c}/{{split}}", "_rgb_anon.png", f"gt/{c}/{{split}}", "_gt_labelTrainIds.png",
+                   sub="<sequence>/", splits=(("train", "train"), ("val", "val")))
+         for c in ("fog", "night", "rain", "snow")}
+# The folder names are the ones the official CODE reads (§7.2). The official datasets/README says `gta/` and `bdd100k/`
+# (§9.10); official bug: the two disagree. We document the code's names and also accept the README's as aliases.
+DATASETS = {
+    "gta": Layout(("gta5", "gta"), "images", ".png", "labels", "_labelTrainIds.png", ".png"),
+    "synthia": Layout(("synthia",), "RGB", ".png", "GT/LABELS", "_labelTrainIds.png", ".png"),
+    # official bug (reference §9.5): the val GT dir was gtFine/cityscapes_panoptic_val, which finds no labels in a
+    # standard layout; we read gtFine/<split> for both splits.
+    "cityscapes": Layout(("cityscapes",), "leftImg8bit/{split}", "_leftImg8bit.png", "gtFine/{split}",
+                         "_gtFine_labelTrainIds.png", "_gtFine_labelIds.png", sub="<city>/",
+                         splits=(("train", "train"), ("val", "val"))),
+    "bdd": Layout(("bdd10k", "bdd100k"), "images/10k/{split}", ".jpg", "labels/sem_seg/masks/{split}", ".png",
+                  splits=(("train", "train"), ("val", "val"))),
+    "mapillary": Layout(("mapillary_vistas",), "{split}/images", ".jpg", "{split}/labels", "_labelTrainIds.png", ".png",
+                        splits=(("train", "training"), ("val", "validation"))),
+    **{f"acdc_{c}": layout for c, layout in _ACDC.items()},
+    # generate.py's output folder itself is the root: <folder>/images/*.png (or <folder>/*.png); no labels.
+    "generated": Layout((".",), "images", ".png"),
+}
+GTA_EXCLUDED = frozenset([15188, 17705, *range(20801, 20861)])  # §7.2: the official list leaves out these 62 images
+
+
+def default_split(name: str) -> str:
+    """The split the official code uses a dataset for: all images of gta/synthia/generated ("train"), the val split of
+    the test sets (cityscapes, bdd, mapillary, acdc_*). Cityscapes as a training source needs split="train"."""
+    _check_name(name)
+    return "train" if name in ("gta", "synthia", "generated") else "val"
+
+
+def _check_name(name):
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+
+
+def layout_help(name: str, root, split: str = None) -> str:
+    """The expected files of a dataset under `root`, as lines for error messages."""
+    lay, root = DATASETS[name], Path(root).expanduser().absolute()
+    split = split or default_split(name)
+    part = dict(lay.splits).get(split, split)
+    base = f"{root}/" if name == "generated" else f"{root}/{lay.folders[0]}/"
+    lines = [f"  {base}{lay.images.format(split=part)}/{lay.sub}<stem>{lay.image_suffix}"]
+    if name == "generated":
+        lines.append(f"  (or {root}/<stem>.png; generated images have no labels)")
+    else:
+        lines.append(f"  {base}{lay.labels.format(split=part)}/{lay.sub}<stem>{lay.label_suffix}"
+                     + (f"   <- python data.py convert {name} {root}" if lay.raw_suffix else "   (ships train ids)"))
+    if len(lay.folders) > 1:
+        lines.append(f"  ({'/, '.join(lay.folders[1:])}/ is accepted instead of {lay.folders[0]}/)")
+    return f"expected layout for {name!r} (split {split!r}):\n" + "\n".join(lines)
+
+
+def _find_folder(name, root):
+    lay = DATASETS[name]
+    for folder in lay.folders:
+        if (root / folder).is_dir():
+            return root / folder
+    tried = " or ".join(str(root / f) for f in lay.folders)
+    raise FileNotFoundError(f"dataset {name!r} not found: no folder {tried}.\n{layout_help(name, root)}")
+
+
+def _glob(folder: Path, suffix: str, recursive: bool):
+    files = folder.rglob(f"*{suffix}") if recursive else folder.glob(f"*{suffix}")
+    return sorted(p for p in files if p.is_file() and not p.name.startswith("."))
+
+
+def list_files(name: str, root, split: str = None) -> list:
+    """Sorted (image path, label path or None) pairs of a dataset; raises FileNotFoundError with the layout."""
+    _check_name(name)
+    lay, root = DATASETS[name], Path(root).expanduser().absolute()
+    split = split or default_split(name)
+    if split not in dict(lay.splits):
+        raise ValueError(f"dataset {name!r} has no split {split!r}; valid: {', '.join(dict(lay.splits))}")
+    part = dict(lay.splits)[split]
+    if name == "generated":
+        if not root.is_dir():
+            raise FileNotFoundError(f"generated-image folder {root} does not exist.\n{layout_help(name, root)}")
+        image_dir = root / "images" if (root / "images").is_dir() else root
+        images = _glob(image_dir, ".png", recursive=False)
+        if not images:
+            raise FileNotFoundError(f"no *.png in {image_dir}.\n{layout_help(name, root)}")
+        return [(p, None) for p in images]
+
+    folder = _find_folder(name, root)
+    image_dir = folder / lay.images.format(split=part)
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"image folder {image_dir} does not exist.\n{layout_help(name, root, split)}")
+    images = _glob(image_dir, lay.image_suffix, recursive=bool(lay.sub))
+    if name == "gta":
+        images = [p for p in images if not (p.stem.isdigit() and int(p.stem) in GTA_EXCLUDED)]
+    if not images:
+        raise FileNotFoundError(f"no {lay.sub}*{lay.image_suffix} files in {image_dir}.\n"
+                                f"{layout_help(name, root, split)}")
+    label_dir = folder / lay.labels.format(split=part)
+    items, missing = [], []
+    for img in images:
+        rel = img.relative_to(image_dir)
+        stem = rel.name[:-len(lay.image_suffix)]
+        label = label_dir / rel.parent / f"{stem}{lay.label_suffix}"
+        items.append((img, label))
+        if not label.is_file():
+            missing.append((img, label, label_dir / rel.parent / f"{stem}{lay.raw_suffix}"))
+    if missing:
+        img, label, raw = missing[0]
+        hint = ""
+        if lay.raw_suffix and raw.is_file():
+            hint = (f"The raw label {raw} exists but is not converted: run `python data.py convert {name} "
+                    f"{root}`.\n")
+        elif not label_dir.is_dir():
+            hint = f"The label folder {label_dir} does not exist.\n"
+        raise FileNotFoundError(f"{len(missing)} of {len(images)} {name} images have no label; first missing label: "
+                                f"{label} (for image {img}).\n{hint}{layout_help(name, root, split)}")
+    return items
+
+
+# ---- reading ----
+
+def read_image(path) -> np.ndarray:
+    """Read an image file as uint8 (H, W, 3) RGB; a corrupt file raises RuntimeError naming it."""
+    try:
+        with Image.open(path) as im:
+            return np.array(im.convert("RGB"))
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError) as e:  # PIL: unidentified/truncated (OSError), broken PNG chunks (Syntax)
+        raise RuntimeError(f"could not read image {path}: {e}. The file is corrupt or truncated; "
+                           f"re-extract it from the dataset archive.") from e
+
+
+def read_label(path) -> np.ndarray:
+    """Read a train-id label PNG as uint8 (H, W) with values in {0..18, 255}; errors name the file."""
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            label = np.array(im) if mode in ("L", "P") else None
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError) as e:
+        raise RuntimeError(f"could not read label {path}: {e}. The file is corrupt or truncated; "
+                           f"re-extract or re-convert it.") from e
+    if label is None:
+        raise RuntimeError(f"label {path} has PIL mode {mode}; expected an 8-bit single-channel train-id PNG "
+                           f"(mode L or P). A colour label? Use the *_labelTrainIds.png files.")
+    bad = ~_VALID_LUT[label]
+    if bad.any():
+        raise RuntimeError(f"label {path} holds values {np.unique(label[bad])[:10].tolist()} outside the train ids "
+                           f"{{0..18, 255}}: is it a raw label-id file? Convert with `python data.py convert ...`.")
+    return label
+
+
+class SegDataset(torch.utils.data.Dataset):
+    """Image/label pairs of one dataset. A sample is {"image": uint8 (3, H, W) RGB, "label": int64 (H, W) in
+    {0..18, 255} (all 255 without labels), "name": image stem, "path": image path}, passed through
+    `transform(sample, rng)` when a transform is set."""
+
+    def __init__(self, name: str, items: list, transform=None):
+        self.name, self.items, self.transform = name, items, transform
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.get(i)
+
+    def load_label(self, i) -> np.ndarray:
+        """The label of item i at native size, uint8 (H, W) (all 255 without labels; reads the image for its size)."""
+        image_path, label_path = self.items[i]
+        if label_path is not None:
+            return read_label(label_path)
+        with Image.open(image_path) as im:
+            return np.full((im.height, im.width), IGNORE_INDEX, np.uint8)
+
+    def get(self, i: int, rng: np.random.Generator = None) -> dict:
+        """Sample i; `rng` drives the transform (default: a generator seeded from i, so item i is reproducible)."""
+        i = range(len(self))[i]  # negative indices, IndexError when out of range
+        image_path, label_path = self.items[i]
+        image = read_image(image_path)
+        if label_path is None:
+            label = np.full(image.shape[:2], IGNORE_INDEX, np.uint8)
+        else:
+            label = read_label(label_path)
+            if label.shape != image.shape[:2]:
+                raise RuntimeError(f"size mismatch: image {image_path} is {image.shape[0]}x{image.shape[1]} but label "
+                                   f"{label_path} is {label.shape[0]}x{label.shape[1]} (HxW); they must be equal.")
+        sample = {"image": _to_chw(image), "label": torch.from_numpy(label.astype(np.int64)),
+                  "name": Path(image_path).stem, "path": str(image_path)}
+        if self.transform is not None:
+            sample = self.transform(sample, np.random.default_rng(i) if rng is None else rng)
+        return sample
+
+
+def build_dataset(name: str, root, split: str = None, transform=None) -> SegDataset:
+    """Build a dataset of the registry `DATASETS`.
+
+    Args:
+        name: gta, synthia, cityscapes, bdd, mapillary, acdc_fog, acdc_night, acdc_rain, acdc_snow or generated.
+        root: the datasets root (holding gta5/, synthia/, cityscapes/, bdd10k/, mapillary_vistas/, acdc/); for
+            `generated` the generation folder (holding images/*.png).
+        split: "train" or "val" (default `default_split(name)`).
+        transform: called as transform(sample, rng) with a numpy Generator, or None.
+    """
+    return SegDataset(name, list_files(name, root, split), transform)
+
+
+# ---- transforms (§1.7 training, §8.1 test) ----
+
+def _to_chw(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))  # (H, W, 3) -> (3, H, W)
+
+
+def _to_hwc(image: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(image.permute(1, 2, 0).numpy())  # (3, H, W) -> (H, W, 3)
+
+
+def resize_image(image: np.ndarray, size) -> np.ndarray:
+    """uint8 (H, W, 3) -> (h, w, 3) with PIL bilinear, as detectron2's ResizeTransform does for uint8 images (PIL
+    bilinear is antialiased when shrinking; torch's interpolate(bilinear, antialias=True) agrees within 1)."""
+    h, w = size
+    if image.shape[:2] == (h, w):
+        return image
+    return np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+
+
+def resize_label(label: np.ndarray, size) -> np.ndarray:
+    """uint8 (H, W) -> (h, w) with PIL nearest (detectron2's label resize): each output pixel copies the input pixel
+    under its centre, index floor((i + 0.5) * H / h) (torch's "nearest-exact"), so no new values appear."""
+    h, w = size
+    if label.shape == (h, w):
+        return label
+    return np.array(Image.fromarray(label.astype(np.uint8)).resize((w, h), Image.NEAREST))
+
+
+def _affine_u8(x, alpha=1.0, beta=0.0):
+    # float32 affine, clip to [0, 255], truncate to uint8 (the detectron2 transform's rounding)
+    return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+
+def color_jitter_ssd(img: np.ndarray, rng: np.random.Generator, brightness_delta: int = 32,
+                     contrast_range=(0.5, 1.5), saturation_range=(0.5, 1.5), hue_delta: int = 18) -> np.ndarray:
+    """SSD photometric distortion (detectron2 PointRend ColorAugSSDTransform; §1.7). Defaults are its defaults.
+
+    Args: img uint8 (H, W, 3) RGB; rng drives every draw. Returns a new uint8 (H, W, 3) RGB image.
+    The official transform flips RGB to BGR and converts with COLOR_BGR2HSV; brightness and contrast act per channel,
+    and RGB2HSV on RGB equals BGR2HSV on BGR, so working in RGB gives the same result.
+    """
+    import cv2
+
+    def contrast(x):
+        return _affine_u8(x, alpha=rng.uniform(*contrast_range)) if rng.integers(2) else x
+
+    def saturation(x):
+        if not rng.integers(2):
+            return x
+        hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV)
+        hsv[..., 1] = _affine_u8(hsv[..., 1], alpha=rng.uniform(*saturation_range))
+        return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+    def hue(x):
+        if not rng.integers(2):
+            return x
+        hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV)  # OpenCV uint8 hue is 0..179
+        hsv[..., 0] = (hsv[..., 0].astype(np.int64) + rng.integers(-hue_delta, hue_delta + 1)) % 180
+        return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+    img = np.ascontiguousarray(img)
+    if rng.integers(2):
+        img = _affine_u8(img, beta=rng.uniform(-brightness_delta, brightness_delta))
+    steps = (contrast, saturation, hue) if rng.integers(2) else (saturation, hue, contrast)
+    for step in steps:
+        img = step(img)
+    return img
+
+
+@dataclass
+class TrainTransform:
+    """Source-image augmentation, in the official order: ResizeScale -> FixedSizeCrop -> SSD jitter -> flip (§1.7)."""
+    crop_size: int = 768                 # official FixedSizeCrop((768, 768)), hard-coded (§9.9)
+    scale_range: tuple = (0.5, 2.0)      # official ResizeScale min/max scale, hard-coded (§9.9)
+    jitter: bool = True                  # official INPUT.COLOR_AUG_SSD True
+    flip: bool = True                    # official RandomFlip (horizontal, p=0.5)
+    pad_value: int = 0                   # official FixedSizeCrop pad_value (black, before normalization; §9.16)
+    ignore_index: int = IGNORE_INDEX     # official seg_pad_value
+
+    def __post_init__(self):
+        if self.crop_size < 1 or not 0 < self.scale_range[0] <= self.scale_range[1]:
+            raise ValueError(f"need crop_size >= 1 and 0 < min scale <= max scale, got {self.crop_size}, "
+                             f"{self.scale_range}")
+
+    def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
+        img, lbl = _to_hwc(sample["image"]), sample["label"].numpy().astype(np.uint8)
+        # ResizeScale: factor min(s*Ht/H, s*Wt/W) with the target = the native size, i.e. a rescale by s
+        s = rng.uniform(*self.scale_range)
+        size = (max(1, round(lbl.shape[0] * s)), max(1, round(lbl.shape[1] * s)))
+        img, lbl = resize_image(img, size), resize_label(lbl, size)
+        # FixedSizeCrop: random crop of min(c, H) x min(c, W), padded bottom/right to c x c.
+        # official code (detectron2 quirk): ONE u ~ U(0, 1) scales both the y and the x offset range.
+        c, u = self.crop_size, rng.uniform(0.0, 1.0)
+        y0, x0 = round(max(size[0] - c, 0) * u), round(max(size[1] - c, 0) * u)
+        img, lbl = img[y0:y0 + c, x0:x0 + c], lbl[y0:y0 + c, x0:x0 + c]
+        out_img = np.full((c, c, 3), self.pad_value, np.uint8)
+        out_lbl = np.full((c, c), self.ignore_index, np.uint8)
+        out_img[:img.shape[0], :img.shape[1]], out_lbl[:lbl.shape[0], :lbl.shape[1]] = img, lbl
+        # official order: the jitter also shifts the padded pixels, and the flip moves the pad to the left
+        if self.jitter:
+            out_img = color_jitter_ssd(out_img, rng)
+        if self.flip and rng.random() < 0.5:
+            out_img, out_lbl = out_img[:, ::-1], out_lbl[:, ::-1]
+        return {**sample, "image": _to_chw(out_img), "label": torch.from_numpy(out_lbl.astype(np.int64))}
+
+
+@dataclass
+class GeneratedTransform:
+    """Generated-image augmentation (§1.7): flip only, no rescale or crop; `image` = the clean flipped image (teacher
+    and SAM input), `image_aug` = the same flip plus SSD jitter (student input)."""
+    flip: bool = True    # official RandomFlip
+    jitter: bool = True  # official ColorAugSSDTransform on the student copy only
+
+    def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
+        img, lbl = _to_hwc(sample["image"]), sample["label"]
+        if self.flip and rng.random() < 0.5:
+            img, lbl = img[:, ::-1], lbl.flip(-1)
+        aug = color_jitter_ssd(img, rng) if self.jitter else img
+        return {**sample, "image": _to_chw(img), "image_aug": _to_chw(aug), "label": lbl.contiguous()}
+
+
+def shortest_edge_size(height: int, width: int, short_side: int = 1024) -> tuple:
+    """detectron2 ResizeShortestEdge(short_side, max_size=inf) output (h, w): e.g. 720x1280 -> 1024x1820."""
+    scale = short_side / min(height, width)
+    h, w = (short_side, scale * width) if height < width else (scale * height, short_side)
+    return int(h + 0.5), int(w + 0.5)
+
+
+@dataclass
+class TestTransform:
+    """Test-time resize (§8.1): short side -> `short_side`, image bilinear, label nearest, no crop."""
+    __test__ = False  # not a pytest test class
+    short_side: int = 1024  # official MapperTest ResizeShortestEdge(1024)
+
+    def __call__(self, sample: dict, rng: np.random.Generator = None) -> dict:
+        h, w = sample["label"].shape
+        size = shortest_edge_size(h, w, self.short_side)
+        if size == (h, w):
+            return sample
+        img = resize_image(_to_hwc(sample["image"]), size)
+        lbl = resize_label(sample["label"].numpy().astype(np.uint8), size)
+        return {**sample, "image": _to_chw(img), "label": torch.from_numpy(lbl.astype(np.int64))}
+
+
+# ---- conversion to train ids (§7.3) ----
+
+def _read_raw_label(dataset: str, path: Path) -> np.ndarray:
+    if dataset == "synthia":
+        import cv2
+        raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)  # 16-bit, BGR order: the last channel is R, the class id
+        if raw is None or raw.ndim != 3:
+            raise RuntimeError(f"could not read SYNTHIA label {path} as a multi-channel 16-bit PNG (got "
+                               f"{None if raw is None else raw.shape}); the file is corrupt or not a SYNTHIA label.")
+        return raw[..., -1]
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P"):
+                raise RuntimeError(f"raw label {path} has PIL mode {im.mode}; expected a single-channel id PNG "
+                                   f"(mode L or P).")
+            return np.array(im)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise RuntimeError(f"could not read raw label {path}: {e}. The file is corrupt or truncated.") from e
+
+
+def save_png(array: np.ndarray, path) -> None:
+    """Write a uint8 (H, W) or (H, W, 3) array as PNG atomically (temp file in the same folder, then os.replace)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _convert_one(job) -> str:
+    dataset, src, dst = job
+    save_png(lookup_table(dataset)[_read_raw_label(dataset, Path(src))], dst)
+    return dst
+
+
+def convert(dataset: str, root, nproc: int = None, progress: bool = True) -> int:
+    """Write `<stem>_labelTrainIds.png` (8-bit, train ids) beside each raw label of gta, synthia, cityscapes or
+    mapillary (all splits). Idempotent: `_labelTrainIds` files are never sources, and outputs newer than their source
+    are skipped. Returns the number of files written."""
+    _check_name(dataset)
+    lay, root = DATASETS[dataset], Path(root).expanduser().absolute()
+    if not lay.raw_suffix:
+        raise ValueError(f"{dataset!r} ships train-id labels; no conversion is needed "
+                         f"(convertible: {', '.join(n for n, l in DATASETS.items() if l.raw_suffix)}).")
+    # official code: Cityscapes train ids came from the *_polygons.json through cityscapesScripts json2labelImg; we map
+    # *_gtFine_labelIds.png (drawn from the same polygons) through the id table, which gives the same train ids.
+    folder, jobs, sources = _find_folder(dataset, root), [], 0
+    for _, part in lay.splits:
+        for src in _glob(folder / lay.labels.format(split=part), lay.raw_suffix, recursive=bool(lay.sub)):
+            if src.name.endswith("_labelTrainIds.png"):
+                continue
+            sources += 1
+            dst = src.with_name(src.name[:-len(lay.raw_suffix)] + lay.label_suffix)
+            if not (dst.is_file() and dst.stat().st_mtime >= src.stat().st_mtime):
+                jobs.append((dataset, str(src), str(dst)))
+    if not sources:
+        raise FileNotFoundError(f"no raw {dataset} labels (*{lay.raw_suffix}) found under {folder}.\n"
+                                f"{layout_help(dataset, root)}")
+    nproc = min(nproc or os.cpu_count() or 1, max(len(jobs), 1))
+    bar = tqdm(total=len(jobs), desc=f"convert {dataset}", disable=not progress)
+    if nproc <= 1:
+        for job in jobs:
+            _convert_one(job)
+            bar.update()
+    else:
+        with Pool(nproc) as pool:
+            for _ in pool.imap_unordered(_convert_one, jobs, chunksize=8):
+                bar.update()
+    bar.close()
+    return len(jobs)
+
+
+# ---- command line ----
+
+def main(argv=None):
+    """`convert <dataset> <root> [--nproc N]` returns the number of files written; `info` returns the dataset size."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    conv = sub.add_parser("convert", help="write *_labelTrainIds.png beside the raw labels")
+    conv.add_argument("dataset", choices=[n for n, l in DATASETS.items() if l.raw_suffix] + ["bdd"]
+                      + [n for n in DATASETS if n.startswith("acdc")])
+    conv.add_argument("root", help="datasets root (holding gta5/, synthia/, cityscapes/, mapillary_vistas/)")
+    conv.add_argument("--nproc", type=int, default=None, help="worker processes (default: all CPUs)")
+    conv.add_argument("--no-progress", action="store_true")
+    info = sub.add_parser("info", help="check a dataset's layout and print its size")
+    info.add_argument("dataset", choices=list(DATASETS))
+    info.add_argument("root")
+    info.add_argument("--split", default=None)
+    args = parser.parse_args(argv)
+    if args.command == "convert":
+        n = convert(args.dataset, args.root, args.nproc, progress=not args.no_progress)
+        print(f"{args.dataset}: wrote {n} *_labelTrainIds.png files under {Path(args.root).absolute()}")
+        return n
+    ds = build_dataset(args.dataset, args.root, args.split)
+    sample = ds[0]
+    print(f"{args.dataset} ({args.split or default_split(args.dataset)}): {len(ds)} images; first "
+          f"{sample['name']} {tuple(sample['image'].shape)}")
+    return len(ds)
+
+
+if __name__ == "__main__":
+    main()

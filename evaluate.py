@@ -1,0 +1,338 @@
+"""Evaluation of CLOUDS (reference §8): confusion matrix, mIoU over the classes present in the GT, per-class tables.
+
+Protocol (§8.1): short side resized to 1024 (image bilinear, GT nearest), batch 1, one whole-image forward (the model
+pads to a multiple of 32 itself), no sliding window or test-time augmentation; metrics against the resized GT.
+Metrics are fractions in [0, 1] internally (dicts, JSON) and printed as percentages.
+
+Usage:
+    python evaluate.py --weights runs/gta/model_final.pt --datasets cityscapes bdd mapillary --data-root datasets
+    python evaluate.py --weights clouds_gta.pth --official --data-root datasets --out r.json   # official checkpoint
+    python evaluate.py --pred-dir preds/ --dataset bdd --data-root datasets      # score train-id PNGs <stem>.png
+"""
+import argparse
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+import data
+
+# ---- config ----
+
+
+@dataclass
+class EvalConfig:
+    data_root: str = "datasets"                           # official: every list path starts with datasets/
+    datasets: tuple = ("cityscapes", "bdd", "mapillary")  # §1.4: GTA/SYNTHIA test sets (Cityscapes: acdc_* too)
+    weights: str = ""            # our checkpoint (clouds.save_checkpoint), or an official one with --official
+    official: bool = False       # load an official detectron2 checkpoint through clouds.load_official
+    preset: str = ""             # --official: clouds preset to build first ("" = inferred from the file's keys)
+    clip_weights: str = ""       # local open_clip weights for a backbone that the checkpoint does not hold
+    pred_dir: str = ""           # score a folder of predicted train-id PNGs <image stem>.png instead of a model
+    split: str = ""              # dataset split ("" = data.default_split: val for the test sets)
+    short_side: int = 1024       # official MapperTest ResizeShortestEdge(1024, max_size=inf)
+    save_pred: str = ""          # write predictions to <dir>/<dataset>/<stem>.png (train ids) and <stem>_color.png
+    out: str = ""                # write the metrics as JSON here
+    device: str = "auto"         # cpu, cuda, cuda:N or auto (cuda when available)
+    workers: int = 2             # DataLoader workers for reading and resizing
+    progress: bool = True        # tqdm bars
+
+    def __post_init__(self):
+        self.datasets = tuple(self.datasets)
+        unknown = [d for d in self.datasets if d not in data.DATASETS or d == "generated"]
+        if unknown:
+            raise ValueError(f"unknown test dataset(s) {unknown}; valid: "
+                             f"{', '.join(d for d in data.DATASETS if d != 'generated')}")
+        if bool(self.weights) == bool(self.pred_dir):
+            raise ValueError("give exactly one of --weights (evaluate a model) or --pred-dir (score saved PNGs)")
+        if self.pred_dir and len(self.datasets) != 1:
+            raise ValueError(f"--pred-dir scores one dataset; got --datasets {' '.join(self.datasets)}")
+        if self.official and not self.weights:
+            raise ValueError("--official needs --weights pointing to the official checkpoint")
+        if self.preset and not self.official:
+            raise ValueError("--preset is for --official checkpoints (ours store their config)")
+        if self.short_side < 1:
+            raise ValueError(f"--short-side must be >= 1, got {self.short_side}")
+
+
+def parse_args(argv=None) -> EvalConfig:
+    """argparse generated from EvalConfig's fields (`--dataset` is an alias of `--datasets`)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in fields(EvalConfig):
+        flags = [f"--{f.name.replace('_', '-')}"] + (["--dataset"] if f.name == "datasets" else [])
+        if f.type is bool or isinstance(f.default, bool):
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default)
+        elif isinstance(f.default, tuple):
+            parser.add_argument(*flags, nargs="+", default=f.default)
+        else:
+            parser.add_argument(*flags, type=type(f.default), default=f.default)
+    return EvalConfig(**vars(parser.parse_args(argv)))
+
+
+# ---- metrics (§8.2) ----
+
+def confusion_matrix(pred, gt, num_classes: int = data.NUM_CLASSES, ignore_index: int = data.IGNORE_INDEX):
+    """Confusion matrix of one prediction, on the tensors' device.
+
+    Args:
+        pred: integer (...) class map with values in [0, num_classes) wherever gt is not ignored.
+        gt: integer (...) same shape, values in [0, num_classes) or ignore_index (skipped).
+    Returns:
+        int64 (C, C), rows = GT class, columns = predicted class. Matrices add: the sum over images is the dataset's.
+    """
+    pred, gt = torch.as_tensor(pred), torch.as_tensor(gt)
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction shape {tuple(pred.shape)} != GT shape {tuple(gt.shape)}")
+    if pred.is_floating_point() or gt.is_floating_point():
+        raise ValueError(f"integer class maps expected, got {pred.dtype} prediction and {gt.dtype} GT "
+                         f"(take the argmax over classes first)")
+    pred, gt = pred.reshape(-1).long(), gt.to(pred.device).reshape(-1).long()
+    valid = gt != ignore_index
+    pred, gt = pred[valid], gt[valid]
+    for what, x in (("GT", gt), ("prediction", pred)):
+        bad = (x < 0) | (x >= num_classes)
+        if bad.any():
+            raise ValueError(f"{what} values {torch.unique(x[bad])[:10].tolist()} on non-ignored pixels are outside "
+                             f"[0, {num_classes}) (ignore index {ignore_index})")
+    return torch.bincount(gt * num_classes + pred, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def compute_metrics(conf) -> dict:
+    """Metrics of a confusion matrix (rows GT, columns prediction), as fractions in [0, 1].
+
+    Returns a dict with
+        IoU: float64 (C,) TP / (TP + FP + FN); NaN where a class has neither GT nor predictions, 0 where it has
+            predictions but no GT (detectron2 reports NaN there; mIoU is the same either way);
+        mIoU: mean IoU over the classes with at least one GT pixel (official ClassicalSemSegEvaluator: classes absent
+            from the GT are left out, even when predicted);
+        mIoU16: the same over the 16 SYNTHIA classes (data.SYNTHIA16; NaN unless C == 19);
+        mAcc: mean per-class pixel accuracy over the GT-present classes; aAcc: overall pixel accuracy;
+        fwIoU: IoU weighted by each class's share of the GT pixels.
+    """
+    conf = torch.as_tensor(conf).detach().cpu().to(torch.float64)
+    tp, n_gt, n_pred = conf.diag(), conf.sum(1), conf.sum(0)
+    iou = tp / (n_gt + n_pred - tp)  # 0/0 = NaN for classes never seen nor predicted
+    present = n_gt > 0
+    mask16 = torch.zeros_like(present)
+    if len(present) == data.NUM_CLASSES:
+        mask16[list(data.SYNTHIA16)] = True
+    mean = lambda x: float(x.mean()) if x.numel() else math.nan  # noqa: E731
+    return {"IoU": iou, "mIoU": mean(iou[present]), "mIoU16": mean(iou[present & mask16]),
+            "mAcc": mean((tp / n_gt)[present]), "aAcc": float(tp.sum() / conf.sum()) if conf.sum() else math.nan,
+            "fwIoU": float((n_gt / n_gt.sum() * iou)[present].sum()) if present.any() else math.nan}
+
+
+def format_table(results: dict, classes=data.CLASSES) -> str:
+    """Markdown table in %: rows = classes, mIoU, mIoU16; columns = datasets (+ their average when > 1).
+
+    official bug (reference §9.11): the official per-class summary found each class by substring, so "IoU.bus" showed
+    vegetation's IoU ("bushes"); we index IoU by class id.
+    """
+    names = list(results)
+    avg = len(names) > 1
+    fmt = lambda v: "-" if v is None or math.isnan(v) else f"{100 * v:.2f}"  # noqa: E731
+
+    def row(title, values):
+        values = [math.nan if v is None else float(v) for v in values]
+        if avg:
+            defined = [v for v in values if not math.isnan(v)]
+            values.append(sum(defined) / len(defined) if defined else math.nan)
+        return f"| {title} | " + " | ".join(fmt(v) for v in values) + " |"
+
+    lines = ["| class | " + " | ".join(names + ["average"] * avg) + " |",
+             "|---|" + "---:|" * (len(names) + avg)]
+    for c, cls in enumerate(classes):
+        lines.append(row(cls, [_iou_list(results[n])[c] for n in names]))
+    lines.append(row("**mIoU**", [results[n]["mIoU"] for n in names]))
+    lines.append(row("mIoU16", [results[n].get("mIoU16", math.nan) for n in names]))
+    return "\n".join(lines)
+
+
+def _iou_list(metrics):
+    iou = metrics["IoU"]
+    if isinstance(iou, dict):  # read back from our JSON
+        return [iou.get(c) for c in data.CLASSES]
+    return [float(v) for v in torch.as_tensor(iou)]
+
+
+def to_json(results: dict) -> dict:
+    """JSON-ready copy: IoU as {class: value}, conf as nested lists, NaN -> null."""
+    clean = lambda v: None if isinstance(v, float) and math.isnan(v) else v  # noqa: E731
+    out = {}
+    for name, m in results.items():
+        out[name] = {k: clean(v) for k, v in m.items() if isinstance(v, float)}
+        out[name]["IoU"] = {c: clean(v) for c, v in zip(data.CLASSES, _iou_list(m))}
+        if "conf" in m:
+            out[name]["conf"] = torch.as_tensor(m["conf"]).tolist()
+    return out
+
+
+def write_json(obj, path) -> None:
+    """Atomic JSON write (temp file in the same folder, then os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, allow_nan=False))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---- model evaluation (§8.1) ----
+
+def _dist_info():
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce(conf):
+    torch.distributed.all_reduce(conf)  # sum over ranks (NCCL needs conf on the GPU: it lives on `device`)
+    return conf
+
+
+def save_prediction(pred, save_dir, name) -> None:
+    """Write <save_dir>/<name>.png (train ids, 8-bit) and <name>_color.png (Cityscapes colours)."""
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    pred = torch.as_tensor(pred).cpu().numpy().astype(np.uint8)
+    data.save_png(pred, save_dir / f"{name}.png")
+    data.save_png(data.colorize(pred), save_dir / f"{name}_color.png")
+
+
+@torch.inference_mode()
+def evaluate_model(model, dataset, device="cpu", progress: bool = True, save_dir=None, num_workers: int = 0) -> dict:
+    """Score `model.predict` on a dataset whose transform already resizes to the test size (data.TestTransform).
+
+    Args:
+        model: has .predict(images uint8 (1, 3, H, W)) -> int64 (1, H, W) train ids, .eval(), .to().
+        dataset: data.SegDataset; each sample's label is the GT at the evaluated resolution.
+        save_dir: when set, predictions are written there by save_prediction.
+    Returns: compute_metrics(conf) plus "conf" (int64 (19, 19), summed over ranks when torch.distributed is up:
+        rank r scores the indices r::world).
+    """
+    rank, world = _dist_info()
+    indices = list(range(rank, len(dataset), world))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=None,
+                                         num_workers=num_workers)
+    was_training = getattr(model, "training", False)
+    model.eval()
+    conf = torch.zeros(data.NUM_CLASSES, data.NUM_CLASSES, dtype=torch.int64, device=device)
+    desc = f"eval {getattr(dataset, 'name', '')}"
+    try:
+        for sample in tqdm(loader, total=len(indices), desc=desc, disable=not progress or rank > 0):
+            label = sample["label"].to(device)
+            pred = model.predict(sample["image"][None].to(device))  # §8.1: batch 1, whole image, (1, H, W)
+            if tuple(pred.shape) != (1, *label.shape):
+                raise RuntimeError(f"model.predict returned {tuple(pred.shape)} for {sample['path']}; expected "
+                                   f"(1, {label.shape[0]}, {label.shape[1]})")
+            conf += confusion_matrix(pred[0], label)
+            if save_dir is not None:
+                save_prediction(pred[0], save_dir, sample["name"])
+    finally:
+        if was_training:
+            model.train()
+    if world > 1:
+        conf = _all_reduce(conf)
+    conf = conf.cpu()
+    return {**compute_metrics(conf), "conf": conf}
+
+
+def load_model(cfg: EvalConfig):
+    """Our checkpoint through clouds.load_checkpoint, or an official one through clouds.load_official (into
+    clouds.build_model(preset) when a preset is given; otherwise the preset is inferred and the backbone read from
+    the file, which needs no CLIP download)."""
+    import clouds  # lazy: the model (and its heavy imports) only for the model path
+
+    extra = {"pretrained": cfg.clip_weights} if cfg.clip_weights else {}
+    if not cfg.official:
+        return clouds.load_checkpoint(cfg.weights, **extra)[0]
+    model = clouds.build_model(cfg.preset, **extra) if cfg.preset else None
+    model, report = clouds.load_official(cfg.weights, model)
+    if isinstance(report, dict):  # the skipped-key lists are long
+        report = {k: v for k, v in report.items() if not isinstance(v, (list, tuple))}
+    print(f"loaded official checkpoint {cfg.weights}: {report}")
+    return model
+
+
+# ---- scoring saved predictions ----
+
+def _read_prediction(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            pred = np.array(im) if mode in ("L", "P", "I", "I;16") else None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise RuntimeError(f"could not read prediction {path}: {e}") from e
+    if pred is None:
+        raise ValueError(f"prediction {path} has PIL mode {mode}; expected a single-channel train-id PNG "
+                         f"(a colourized *_color.png is not scorable)")
+    return pred
+
+
+def evaluate_predictions(pred_dir, name: str, root, split: str = None, short_side: int = 1024,
+                         progress: bool = True) -> dict:
+    """Score <pred_dir>/<image stem>.png (train ids) against a dataset's GT.
+
+    A prediction must have the GT's native size or the §8.1 test size (short side `short_side`, GT resized with
+    nearest); any other size is an error (predictions are never resized, since that would change the scores).
+    """
+    pred_dir = Path(pred_dir)
+    ds = data.build_dataset(name, root, split)
+    paths = [pred_dir / f"{Path(img).stem}.png" for img, _ in ds.items]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(paths)} predictions missing in {pred_dir.absolute()}, e.g. "
+                                f"{', '.join(str(p) for p in missing[:3])}; expected one <image stem>.png per image "
+                                f"of {name}.")
+    conf = torch.zeros(data.NUM_CLASSES, data.NUM_CLASSES, dtype=torch.int64)
+    for i, path in enumerate(tqdm(paths, desc=f"score {name}", disable=not progress)):
+        gt, pred = ds.load_label(i), _read_prediction(path)
+        if pred.shape != gt.shape:
+            size = data.shortest_edge_size(*gt.shape, short_side)
+            if pred.shape != size:
+                raise ValueError(f"prediction {path} is {pred.shape[0]}x{pred.shape[1]}; expected the GT size "
+                                 f"{gt.shape[0]}x{gt.shape[1]} or the test size {size[0]}x{size[1]} (short side "
+                                 f"{short_side}); predictions are not resized.")
+            gt = data.resize_label(gt, size)
+        conf += confusion_matrix(torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(gt))
+    return {**compute_metrics(conf), "conf": conf}
+
+
+# ---- command line ----
+
+def main(argv=None) -> dict:
+    """Evaluate a model (or score saved predictions); print the table; return {dataset: metrics}."""
+    cfg = parse_args(argv)
+    rank, _ = _dist_info()
+    results = {}
+    if cfg.pred_dir:
+        name = cfg.datasets[0]
+        results[name] = evaluate_predictions(cfg.pred_dir, name, cfg.data_root, cfg.split or None, cfg.short_side,
+                                             cfg.progress)
+    else:
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+        model = load_model(cfg).to(device)
+        # official code: Cityscapes was scored by cityscapesScripts on labelIds at full resolution; its short side is
+        # already 1024, and the 19 train ids map one-to-one to the evaluated label ids, so the confusion is the same.
+        for name in cfg.datasets:
+            ds = data.build_dataset(name, cfg.data_root, cfg.split or None, data.TestTransform(cfg.short_side))
+            save_dir = Path(cfg.save_pred) / name if cfg.save_pred else None
+            results[name] = evaluate_model(model, ds, device, cfg.progress, save_dir, cfg.workers)
+    if rank == 0:
+        print(format_table(results))
+        if cfg.out:
+            write_json(to_json(results), cfg.out)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,380 @@
+"""Sec. 3.2: generated training images, Stable Diffusion sampling from LLM-written prompts (reference §6).
+
+CLOUDS trains on ~5000 Stable Diffusion 2 images (768x768, EulerDiscrete, 50 steps, guidance 7.5) made from 100
+prompts written by a large chat LLM, cycled (image j uses prompts[j mod 100]). This script does the same, but
+reproducibly: image j is sampled with seed `base_seed + j`, so any image can be regenerated alone, runs resume, and
+shards can split the work.
+
+Usage:
+    python generate.py --out datasets/generated/sd2 --num-images 5000             # one GPU
+    torchrun --nproc_per_node 4 generate.py --out datasets/generated/sd2           # 4 GPUs, indices sharded
+    python generate.py --out /tmp/toy --num-images 50 --backend toy                # offline ToyCity renderer
+    python generate.py --out DIR --llm /path/to/chat-model --llm-num 100           # write DIR/prompts.txt first
+
+Layout: DIR/images/im_{j}_p{k}.png (k = j mod number of prompts), DIR/manifest.jsonl (one JSON line per image),
+DIR/config.json (the resolved config).
+
+Sharding: with S = num_parts * WORLD_SIZE shards, shard r = part * WORLD_SIZE + RANK renders the indices
+j in [0, num_images) with j % S == r (interleaved, so every shard cycles through all prompts). Each shard appends to
+DIR/manifest.part{r}.jsonl; at the end of every run, manifest.jsonl is rebuilt from all parts (one line per existing
+image, sorted by index). `--merge-only` rebuilds it without generating.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import re
+import string
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, get_type_hints
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_PROMPTS = HERE / "prompts" / "clouds_prompts.txt"
+OPENERS = ("A photo of", "A picture of", "A snapshot of")  # §6.1: every official prompt starts with one of these
+BACKENDS = ("diffusers", "toy")
+
+
+# ---- config ----
+
+@dataclass
+class GenerateConfig:
+    out: str = ""                                    # output folder (required)
+    prompts: str = str(DEFAULT_PROMPTS)              # official: prompt_llama70b.txt (100 lines); ours is original text
+    num_images: int = 5000                           # official --num-images default (50 images per prompt)
+    backend: str = "diffusers"                       # "diffusers" (Stable Diffusion) or "toy" (offline ToyCity)
+    model: str = "stabilityai/stable-diffusion-2"    # official model (768-v); a hub id or a local folder
+    steps: int = 50                                  # official num_inference_steps
+    guidance: float = 7.5                            # official guidance_scale
+    height: Optional[int] = None                     # official 768 (diffusers); toy default 192
+    width: Optional[int] = None                      # official 768 (diffusers); toy default 192
+    batch_size: int = 1                              # official: one image per pipeline call
+    base_seed: int = 0                               # official: no seed (not reproducible); image j uses base_seed + j
+    part: int = 0                                    # this job's part (official --part), combined with torchrun RANK
+    num_parts: int = 1                               # number of independent jobs sharing the index range
+    device: Optional[str] = None                     # default: cuda if available, else cpu
+    fp16: Optional[bool] = None                      # official: fp16 on CUDA; default fp16 on cuda, fp32 on cpu
+    llm: Optional[str] = None                        # local causal LM (path or hub id) that writes new prompts first
+    llm_num: int = 100                               # official: 100 prompts
+    merge_only: bool = False                         # only rebuild manifest.jsonl from the part files
+    progress: bool = True                            # tqdm bar
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.num_images < 0 or self.batch_size < 1 or self.llm_num < 1:
+            raise ValueError(f"expected num_images >= 0, batch_size >= 1, llm_num >= 1; got {self.num_images}, "
+                             f"{self.batch_size}, {self.llm_num}")
+        if not 0 <= self.part < self.num_parts:
+            raise ValueError(f"expected 0 <= part < num_parts, got part={self.part}, num_parts={self.num_parts}")
+        default = 768 if self.backend == "diffusers" else 192  # §6.2: 768x768; ToyCity renders small images
+        self.height = self.height or default
+        self.width = self.width or default
+        if self.backend == "diffusers" and (self.height % 8 or self.width % 8):
+            raise ValueError(f"Stable Diffusion needs height and width divisible by 8, got {self.height}x{self.width}")
+
+
+def parse_args(argv=None) -> GenerateConfig:
+    """argparse generated from the GenerateConfig fields (`num_images` -> `--num-images`)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    hints = get_type_hints(GenerateConfig)
+    for f in dataclasses.fields(GenerateConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        if kind is bool or kind == Optional[bool]:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            base = {Optional[int]: int, Optional[str]: str}.get(kind, kind)
+            parser.add_argument(flag, type=base, default=f.default, required=f.name == "out")
+    return GenerateConfig(**vars(parser.parse_args(argv)))
+
+
+# ---- prompts ----
+
+def read_prompts(path) -> list:
+    """One prompt per line; blank lines and lines starting with '#' are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"prompt file {path} does not exist; pass --prompts FILE (one prompt per line)")
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not prompts:
+        raise ValueError(f"prompt file {path} holds no prompt (only blank lines or # comments); "
+                         f"expected one prompt per line, e.g. 'A photo of a busy road in the rain'")
+    return prompts
+
+
+# Instruction given to the local LLM (the official one is not published; reference §6.1 TODO).
+LLM_INSTRUCTION = (
+    "Write {n} different one-sentence descriptions of photographs of urban street scenes, one per line, with no "
+    "numbering. Each line must start with exactly one of: \"A photo of\", \"A picture of\", \"A snapshot of\". "
+    "Mention things seen from a street: roads, sidewalks, buildings, walls, fences, poles, traffic lights, traffic "
+    "signs, trees, grass, sky, pedestrians, cyclists, cars, trucks, buses, trains, motorcycles and bicycles. Vary the "
+    "weather (sunny, rain, snow, fog, wind), the time of day (morning, noon, dusk, night), the season and the city or "
+    "country. Keep each line under 25 words."
+)
+PROMPT_MIN_CHARS, PROMPT_MAX_CHARS = 20, 200
+
+
+def _dedupe_key(prompt: str) -> str:
+    """Case-, punctuation- and whitespace-insensitive key ("...shade." == "...Shade")."""
+    kept = "".join(ch for ch in prompt.lower() if ch not in string.punctuation)
+    return " ".join(kept.split())
+
+
+def parse_llm_prompts(text: str, existing=()) -> list:
+    """Turn raw LLM output into valid, new, unique prompts (in order of appearance).
+
+    A line is kept when, after stripping list markers ("1.", "2)", "-", "*") and quotes, it starts with one of
+    OPENERS, has PROMPT_MIN_CHARS..PROMPT_MAX_CHARS characters, is printable ASCII, and its dedupe key is not in
+    `existing` nor earlier in `text`.
+    """
+    seen = {_dedupe_key(p) for p in existing}
+    kept = []
+    for line in text.splitlines():
+        line = re.sub(r"^\s*(?:\d+\s*[.):-]|[-*\u2022])\s*", "", line).strip().strip("\"'").strip()
+        if not line.startswith(OPENERS):
+            continue
+        if not PROMPT_MIN_CHARS <= len(line) <= PROMPT_MAX_CHARS:
+            continue
+        if not all(ch in string.printable and ch not in "\t\n\r\x0b\x0c" for ch in line):
+            continue
+        key = _dedupe_key(line)
+        if key in seen or key == _dedupe_key(next(o for o in OPENERS if line.startswith(o))):
+            continue
+        seen.add(key)
+        kept.append(line)
+    return kept
+
+
+def load_llm(name: str, device: str = "cpu"):
+    """AutoModelForCausalLM + AutoTokenizer from a local folder or hub id (local files only when HF_HUB_OFFLINE)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=offline)
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
+    except (OSError, ValueError) as err:
+        raise RuntimeError(
+            f"could not load the prompt-writing LLM {name!r} (offline={offline}). Expected a local folder with "
+            f"config.json, weights and tokenizer files, or a hub id that is cached or downloadable. On a connected "
+            f"machine run `huggingface-cli download {name} --local-dir /path/to/llm`, then pass --llm /path/to/llm; "
+            f"or drop --llm and use --prompts FILE.") from err
+    if len(tokenizer) < 100:  # transformers 5 can silently build an empty tokenizer (environment.md §4)
+        raise RuntimeError(f"the tokenizer of {name!r} has only {len(tokenizer)} tokens; its vocabulary files are "
+                           f"missing (expected vocab/merges or tokenizer.json in the model folder)")
+    return model.to(device).eval(), tokenizer
+
+
+@torch.no_grad()
+def write_llm_prompts(name: str, num: int, out_dir, device: str = "cpu", seed: int = 0, max_rounds: int = 10) -> list:
+    """Sec. 3.2: ask a local causal LM for `num` prompts; validated, deduplicated, saved to out_dir/prompts.txt."""
+    model, tokenizer = load_llm(name, device)
+    torch.manual_seed(seed)
+    prompts = []
+    for _ in range(max_rounds):
+        request = LLM_INSTRUCTION.format(n=num - len(prompts))
+        if getattr(tokenizer, "chat_template", None):
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": request}], add_generation_prompt=True,
+                                                return_tensors="pt", return_dict=True)["input_ids"]
+        else:
+            ids = tokenizer(request + "\n", return_tensors="pt")["input_ids"]
+        ids = ids.to(device)
+        out = model.generate(ids, do_sample=True, temperature=0.9, top_p=0.95, max_new_tokens=48 * (num - len(prompts)),
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        prompts += parse_llm_prompts(text, existing=prompts)
+        if len(prompts) >= num:
+            break
+    if len(prompts) < num:
+        raise RuntimeError(f"the LLM {name!r} wrote {len(prompts)} valid unique prompts in {max_rounds} rounds, "
+                           f"expected {num}; use a stronger chat model or lower --llm-num")
+    prompts = prompts[:num]
+    _write_text(Path(out_dir) / "prompts.txt", "\n".join(prompts) + "\n")
+    return prompts
+
+
+# ---- backends ----
+
+def load_pipeline(cfg: GenerateConfig):
+    """Sec. 3.2 / §6.2: StableDiffusionPipeline with EulerDiscreteScheduler from the model's own scheduler config."""
+    try:
+        from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    except ImportError as err:
+        raise ImportError("the diffusers backend needs `pip install diffusers transformers`") from err
+    device = _device(cfg)
+    dtype = torch.float16 if (cfg.fp16 if cfg.fp16 is not None else device.type == "cuda") else torch.float32
+    try:
+        scheduler = EulerDiscreteScheduler.from_pretrained(cfg.model, subfolder="scheduler")  # official (v-prediction)
+        pipe = StableDiffusionPipeline.from_pretrained(cfg.model, scheduler=scheduler, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise RuntimeError(
+            f"could not load Stable Diffusion weights from {cfg.model!r}. Expected a cached hub id or a local "
+            f"diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/). Offline, copy "
+            f"them from a connected machine: `huggingface-cli download {cfg.model} --local-dir "
+            f"/path/to/stable-diffusion-2`, then pass --model /path/to/stable-diffusion-2. For an offline smoke "
+            f"test use --backend toy.") from err
+    return pipe.to(device)
+
+
+def _device(cfg: GenerateConfig) -> torch.device:
+    if cfg.device:
+        return torch.device(cfg.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def render_batch(cfg: GenerateConfig, pipe, prompts: list, seeds: list) -> list:
+    """Images (uint8 HxWx3 arrays) for the prompts; image i depends only on (prompts[i], seeds[i])."""
+    if cfg.backend == "toy":
+        import toycity
+        return [toycity.render(p, s, size=(cfg.height, cfg.width)) for p, s in zip(prompts, seeds)]
+    device = pipe.device
+    gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]  # one generator per image
+    out = pipe(prompt=prompts, height=cfg.height, width=cfg.width, num_inference_steps=cfg.steps,
+               guidance_scale=cfg.guidance, generator=gens, output_type="np")
+    return [np.round(im * 255).clip(0, 255).astype(np.uint8) for im in out.images]  # (H, W, 3) float in [0, 1]
+
+
+# ---- files and manifest ----
+
+def _write_text(path: Path, text: str):
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _write_png(path: Path, image: np.ndarray):
+    from PIL import Image
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".png.tmp")
+    with os.fdopen(fd, "wb") as f:
+        Image.fromarray(image).save(f, format="PNG")
+    os.replace(tmp, path)
+
+
+def image_name(j: int, n_prompts: int) -> str:
+    return f"im_{j}_p{j % n_prompts}.png"  # official naming (reference §6.2)
+
+
+def _record(cfg: GenerateConfig, j: int, prompts: list, scheduler: str) -> dict:
+    """The manifest line of image j (everything needed to regenerate it alone)."""
+    return {"index": j, "prompt": prompts[j % len(prompts)], "seed": cfg.base_seed + j,
+            "model": cfg.model if cfg.backend == "diffusers" else "toycity", "scheduler": scheduler,
+            "steps": cfg.steps, "guidance": cfg.guidance, "height": cfg.height, "width": cfg.width,
+            "backend": cfg.backend, "file": f"images/{image_name(j, len(prompts))}"}
+
+
+def _read_jsonl(path: Path) -> list:
+    """Records of a JSONL file; a torn last line (interrupted append) is skipped."""
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "index" in rec and "file" in rec:
+            records.append(rec)
+    return records
+
+
+def _manifest_records(out: Path) -> dict:
+    """index -> record over manifest.jsonl and every manifest.part*.jsonl (a later line for an index wins)."""
+    by_index = {}
+    for src in [out / "manifest.jsonl"] + sorted(out.glob("manifest.part*.jsonl")):
+        if src.is_file():
+            for rec in _read_jsonl(src):
+                by_index[rec["index"]] = rec
+    return by_index
+
+
+def merge_manifest(out) -> int:
+    """Rebuild out/manifest.jsonl: one line per existing image file, sorted by index. Returns the number of lines."""
+    out = Path(out)
+    by_index = _manifest_records(out)
+    lines = [json.dumps(by_index[j]) for j in sorted(by_index) if (out / by_index[j]["file"]).is_file()]
+    _write_text(out / "manifest.jsonl", "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def shard() -> tuple:
+    """(rank, world) of this process from torchrun's RANK / WORLD_SIZE (0, 1 without torchrun)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+# ---- generation loop ----
+
+def generate(cfg: GenerateConfig, pipe=None) -> dict:
+    """Render this shard's missing images, append their manifest lines, then merge the manifest.
+
+    `pipe` (optional) is a ready StableDiffusionPipeline for the diffusers backend; by default it is loaded from
+    cfg.model when the first missing image needs it.
+    """
+    from tqdm import tqdm
+
+    if not cfg.out:
+        raise ValueError("expected an output folder: --out DIR")
+    out = Path(cfg.out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    if cfg.merge_only:
+        return {"written": 0, "skipped": 0, "manifest": merge_manifest(out), "out": str(out)}
+    if cfg.llm and (out / "prompts.txt").is_file():  # resume: keep the prompts the LLM wrote the first time
+        prompts = read_prompts(out / "prompts.txt")
+    elif cfg.llm:  # with several shards, run this once first (e.g. --num-images 0), then shard
+        prompts = write_llm_prompts(cfg.llm, cfg.llm_num, out, device=str(_device(cfg)))
+    else:
+        prompts = read_prompts(cfg.prompts)
+    rank, world = shard()
+    shards, me = cfg.num_parts * world, cfg.part * world + rank
+    _write_text(out / "config.json", json.dumps({**dataclasses.asdict(cfg), "num_prompts": len(prompts),
+                                                  "num_shards": shards}, indent=2) + "\n")
+
+    mine = [j for j in range(cfg.num_images) if j % shards == me]  # interleaved sharding (module docstring)
+    todo = [j for j in mine if not (out / "images" / image_name(j, len(prompts))).is_file()]
+    part_file = out / f"manifest.part{me}.jsonl"
+    recorded = set(_manifest_records(out))
+    if todo and cfg.backend == "diffusers":
+        pipe = pipe if pipe is not None else load_pipeline(cfg)
+        pipe.set_progress_bar_config(disable=True)  # our bar counts images, not denoising steps
+    scheduler = "none" if cfg.backend == "toy" else \
+        type(pipe.scheduler).__name__ if pipe is not None else "EulerDiscreteScheduler"
+
+    if part_file.is_file() and part_file.stat().st_size:  # a killed run may have left a torn last line
+        with open(part_file, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+    with open(part_file, "a", encoding="utf-8") as manifest:
+        # images written by an interrupted run before their manifest line: record them now
+        for j in sorted(set(mine) - set(todo) - recorded):
+            manifest.write(json.dumps(_record(cfg, j, prompts, scheduler)) + "\n")
+        bar = tqdm(total=len(todo), desc=f"generate shard {me}/{shards}", disable=not cfg.progress)
+        for start in range(0, len(todo), cfg.batch_size):
+            batch = todo[start:start + cfg.batch_size]
+            texts = [prompts[j % len(prompts)] for j in batch]  # §6.2: prompts cycled, prompt k = j mod n
+            images = render_batch(cfg, pipe, texts, [cfg.base_seed + j for j in batch])
+            for j, image in zip(batch, images):
+                _write_png(out / "images" / image_name(j, len(prompts)), image)
+                manifest.write(json.dumps(_record(cfg, j, prompts, scheduler)) + "\n")  # after the image exists
+                manifest.flush()
+            bar.update(len(batch))
+        bar.close()
+    n_lines = merge_manifest(out)
+    return {"written": len(todo), "skipped": len(mine) - len(todo), "manifest": n_lines, "shard": me,
+            "num_shards": shards, "out": str(out)}
+
+
+def main(argv=None) -> dict:
+    summary = generate(parse_args(argv))
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

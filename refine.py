@@ -1,0 +1,481 @@
+"""Sec. 3.3: SAM refinement of the teacher's pseudo labels (reference §5).
+
+The EMA teacher's argmax map is split into per-class 4-connected components; every component larger than 5000 px
+is prompted with 5 random positive points; SAM (MobileSAM ViT-T in the official configs) returns 3 candidate masks
+per prompt and the one with the highest predicted IoU is kept; pixels claimed by two or more masks are dropped; the
+per-class union of the masks is the refined pseudo label.
+
+Usage (offline refinement of saved teacher labels; training calls `pseudo_label_target` online):
+    python refine.py --images DIR --labels DIR --out DIR --sam vit_t --checkpoint weights/mobile_sam.pt
+    python refine.py --images DIR --labels DIR --out DIR --sam toy --min-area 300       # ToyCity, no weights
+
+A "point predictor" is any object with `set_image(image uint8 (H,W,3))` and
+`predict_points(points (P,K,2) xy, multimask=True) -> (masks bool (P,M,H,W), scores (P,M))`:
+`SamPointPredictor` wraps segment_anything / mobile_sam, `ToyPointPredictor` is an offline stand-in for ToyCity.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import ops
+
+IGNORE_INDEX = 255
+# Cityscapes colours of the 19 train ids (defined here because refine.py imports only ops).
+PALETTE = np.array([[128, 64, 128], [244, 35, 232], [70, 70, 70], [102, 102, 156], [190, 153, 153], [153, 153, 153],
+                    [250, 170, 30], [220, 220, 0], [107, 142, 35], [152, 251, 152], [70, 130, 180], [220, 20, 60],
+                    [255, 0, 0], [0, 0, 142], [0, 0, 70], [0, 60, 100], [0, 80, 100], [0, 0, 230], [119, 11, 32]],
+                   dtype=np.uint8)
+SAM_CHECKPOINTS = {  # official SAM / MobileSAM release files (reference §5.1 uses vit_t and vit_h from ./weights/)
+    "vit_h": "sam_vit_h_4b8939.pth from https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
+    "vit_l": "sam_vit_l_0b3195.pth from https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
+    "vit_b": "sam_vit_b_01ec64.pth from https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+    "vit_t": "mobile_sam.pt from https://github.com/ChaoningZhang/MobileSAM (weights/mobile_sam.pt)",
+}
+PREDICTORS = ("vit_t", "vit_h", "vit_l", "vit_b", "toy")
+
+
+# ---- config ----
+
+@dataclass
+class RefineConfig:
+    min_area: int = 5000          # official SAM.SIZE_THRESHOLD (strict: area > min_area is prompted)
+    num_points: int = 5           # official SAM.NUM_POINTS (all positive)
+    mode: str = "random"          # official SAM.SELECTION_MODE; "interior" = points far from the component border
+    erosion: bool = False         # official SAM.EROSION
+    erosion_size: int = 3         # official SAM.EROSION_SIZE (square structuring element)
+    rm_intersection: bool = True  # official SAM.RM_INTERSECTION
+    connectivity: int = 4         # official: scipy.ndimage.label default structure (cross = 4-connectivity)
+    uncovered: str = "drop"       # official "drop": pixels in no mask are negatives for all masks; "ignore": left out
+
+    def __post_init__(self):
+        if self.mode not in ("random", "interior"):
+            raise ValueError(f"mode must be 'random' or 'interior', got {self.mode!r}")
+        if self.uncovered not in ("drop", "ignore"):
+            raise ValueError(f"uncovered must be 'drop' or 'ignore', got {self.uncovered!r}")
+        if self.connectivity not in (4, 8):
+            raise ValueError(f"connectivity must be 4 or 8, got {self.connectivity}")
+        if self.num_points < 1 or self.erosion_size < 1 or self.min_area < 0:
+            raise ValueError(f"expected num_points >= 1, erosion_size >= 1, min_area >= 0; got {self.num_points}, "
+                             f"{self.erosion_size}, {self.min_area}")
+
+
+# ---- point predictors ----
+
+class SamPointPredictor:
+    """Point-prompted SAM (segment_anything or mobile_sam) on any image size, prompts batched.
+
+    Args:
+        model: a `Sam` module (segment_anything's or mobile_sam's).
+        predictor_cls: the matching `SamPredictor` class (default: segment_anything's).
+        chunk_size: prompts per `predict_torch` call (bounds memory).
+    """
+
+    def __init__(self, model, predictor_cls=None, chunk_size: int = 64):
+        if predictor_cls is None:
+            from segment_anything import SamPredictor as predictor_cls
+        self.predictor = predictor_cls(model)
+        self.chunk_size = chunk_size
+
+    def set_image(self, image: np.ndarray):
+        """image: uint8 (H, W, 3) RGB. Runs the image encoder once."""
+        self.predictor.set_image(_hwc_numpy(image))
+
+    @torch.no_grad()
+    def predict_points(self, points, multimask: bool = True):
+        """points: (P, K, 2) xy in image pixels, all positive -> masks bool (P, M, H, W), scores float (P, M)."""
+        pred = self.predictor
+        # official bug (reference §9.9): original_size hard-coded to (768, 768); we use the size seen by set_image
+        h, w = pred.original_size
+        points = torch.as_tensor(points, dtype=torch.float32, device=pred.device)
+        coords = pred.transform.apply_coords_torch(points, (h, w))  # image pixels -> encoder input frame
+        masks, scores = [], []
+        for start in range(0, len(coords), self.chunk_size):
+            c = coords[start:start + self.chunk_size]                  # (p, K, 2)
+            labels = torch.ones(c.shape[:2], dtype=torch.int64, device=c.device)  # §5.2: all points positive
+            m, s, _ = pred.predict_torch(c, labels, multimask_output=multimask)  # (p, M, H, W), (p, M)
+            masks.append(m)
+            scores.append(s.float())
+        if not masks:
+            m = 3 if multimask else 1
+            return torch.zeros(0, m, h, w, dtype=torch.bool, device=pred.device), torch.zeros(0, m, device=pred.device)
+        return torch.cat(masks), torch.cat(scores)                     # on the model's device
+
+
+def _hwc_numpy(image) -> np.ndarray:
+    """uint8 (H, W, 3) numpy image from a numpy array or tensor, (H, W, 3) or (3, H, W) (data.py samples)."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu()
+        if image.dim() == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
+            image = image.permute(1, 2, 0)                                      # (3, H, W) -> (H, W, 3)
+        image = image.numpy()
+    image = np.ascontiguousarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"expected a uint8 RGB image (H, W, 3) or (3, H, W), got {image.dtype} {image.shape}")
+    return image
+
+
+def _graph_roots(n: int, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """Connected components of a graph (n nodes, edges src-dst): each node's root (smallest node of its component)."""
+    parent = torch.arange(n)
+    while len(src):
+        while True:  # pointer jumping
+            grand = parent[parent]
+            if torch.equal(grand, parent):
+                break
+            parent = grand
+        ra, rb = parent[src], parent[dst]
+        differ = ra != rb
+        if not differ.any():
+            break
+        src, dst, ra, rb = src[differ], dst[differ], ra[differ], rb[differ]
+        parent.scatter_reduce_(0, torch.maximum(ra, rb), torch.minimum(ra, rb), reduce="amin")
+    return parent
+
+
+def _neighbour_pairs(regions: torch.Tensor):
+    """Region ids of all horizontally and vertically adjacent pixel pairs: (a, b), each (h*(w-1) + (h-1)*w,)."""
+    a = torch.cat([regions[:, :-1].reshape(-1), regions[:-1].reshape(-1)])
+    b = torch.cat([regions[:, 1:].reshape(-1), regions[1:].reshape(-1)])
+    return a, b
+
+
+class ToyPointPredictor:
+    """Offline, class-agnostic, promptable segmenter for ToyCity: a stand-in for SAM in tests and demos.
+
+    Like SAM it works at a low resolution (long side `work_size`; SAM's low-res masks are 256x256) and upsamples its
+    masks. set_image builds a region hierarchy once: starting from 4-connected pixels of equal fine colour cell
+    (ops.connected_components), adjacent regions are merged while their difference is below a threshold, in
+    Boruvka rounds (every region merges along its most similar neighbour). The difference of two regions is the
+    smaller of their mean-colour difference and the mean colour gradient along their shared boundary (so texture
+    and smooth shading both merge). Three increasing thresholds give three levels, the three candidates of SAM's
+    multimask output. A prompt's mask on a level is the union of the regions holding at least `min_votes` of its
+    points (at least the best-voted one; a stray point on a neighbouring object does not pull it in), plus
+    one-vote regions next to it that are smaller than `extra_frac` of it (a car's window), plus the regions it
+    encloses that are smaller than `hole_frac` of it (windows in a wall, lane marks in a road). Score (SAM's
+    predicted IoU): the share of the points inside the mask minus `level_penalty` per level (finer is preferred).
+    Boundaries come from the image, which is what lets refinement sharpen a blurry teacher, as SAM does. Unlike
+    SAM, it has no notion of objects: parts of different colours that do not enclose each other stay apart.
+    """
+
+    def __init__(self, thresholds=(24.0, 40.0, 64.0), work_size: int = 256, contrast: float = 35.0,
+                 cell: float = 8.0, min_votes: int = 2, extra_frac: float = 0.5, hole_frac: float = 0.2,
+                 level_penalty: float = 0.5):
+        self.thresholds, self.work_size, self.contrast, self.cell = thresholds, work_size, contrast, cell
+        self.min_votes, self.extra_frac, self.hole_frac = min_votes, extra_frac, hole_frac
+        self.level_penalty = level_penalty
+
+    def set_image(self, image: np.ndarray):
+        """image: uint8 (H, W, 3) RGB. Builds the three region levels at the working resolution."""
+        img = torch.tensor(_hwc_numpy(image)).permute(2, 0, 1)[None].float()   # (1, 3, H, W)
+        self.size = tuple(img.shape[-2:])
+        scale = min(1.0, self.work_size / max(self.size))
+        if scale < 1:
+            img = F.interpolate(img, size=(round(self.size[0] * scale), round(self.size[1] * scale)), mode="area")
+        spread = (img - img.median()).abs().median()                             # robust contrast (MAD)
+        img = img[0] * (self.contrast / spread.clamp(min=2.0))                   # dark / foggy images: stretch
+        img = img - img.amin((1, 2), keepdim=True)                               # (3, h, w), >= 0
+        pad = F.pad(img[None], (1, 1, 1, 1), mode="replicate")[0]               # (3, h+2, w+2)
+        grad = torch.maximum((pad[:, 1:-1, 2:] - pad[:, 1:-1, :-2]).abs().amax(0),   # central differences,
+                             (pad[:, 2:, 1:-1] - pad[:, :-2, 1:-1]).abs().amax(0))   # max over channels (h, w)
+        ga, gb = _neighbour_pairs(grad.double())
+        pair_grad = torch.maximum(ga, gb)                                        # gradient at each pixel pair
+        cells = (img / self.cell).long()                                         # (3, h, w) fine colour cells
+        code = (cells[0] * 4096 + cells[1]) * 4096 + cells[2]
+        regions, _, _ = ops.connected_components(torch.unique(code, return_inverse=True)[1], 4, ignore_index=None)
+        regions = regions.long()                                                 # (h, w) initial regions
+        pixels = img.reshape(3, -1).T.double()                                   # (h*w, 3)
+        self.levels = []
+        for threshold in self.thresholds:
+            regions = self._merge(regions, pixels, pair_grad, threshold)
+            self.levels.append(self._level(regions))
+
+    @staticmethod
+    def _merge(regions, pixels, pair_grad, threshold):
+        """Boruvka rounds: merge adjacent regions along their most similar neighbour while it is below threshold."""
+        while True:
+            n = int(regions.max()) + 1
+            flat = regions.reshape(-1)
+            area = torch.bincount(flat, minlength=n).double()
+            mean = torch.zeros(n, 3, dtype=torch.float64).index_add_(0, flat, pixels) / area[:, None]  # (N, 3)
+            pa, pb = _neighbour_pairs(regions)
+            lo, hi = torch.minimum(pa, pb), torch.maximum(pa, pb)
+            cross = lo != hi                                                     # pixel pairs on a boundary
+            pairs, inverse = torch.unique(lo[cross] * n + hi[cross], return_inverse=True)
+            a, b = pairs // n, pairs % n                                         # (E,) adjacent region pairs
+            length = torch.bincount(inverse, minlength=len(pairs)).double()
+            boundary = torch.zeros(len(pairs), dtype=torch.float64).index_add_(0, inverse, pair_grad[cross]) / length
+            weight = torch.minimum((mean[a] - mean[b]).abs().amax(1), boundary)  # (E,)
+            best = torch.full((n,), float("inf"), dtype=torch.float64)
+            best.scatter_reduce_(0, a, weight, reduce="amin").scatter_reduce_(0, b, weight, reduce="amin")
+            pick = (weight < threshold) & ((weight == best[a]) | (weight == best[b]))
+            if not pick.any():
+                return regions
+            root = _graph_roots(n, a[pick], b[pick])
+            regions = torch.unique(root[regions], return_inverse=True)[1]       # compact ids (h, w)
+
+    @staticmethod
+    def _level(regions):
+        """Region map plus what prompts need: areas, directed adjacency, border flags, degrees."""
+        n = int(regions.max()) + 1
+        pa, pb = _neighbour_pairs(regions)
+        lo, hi = torch.minimum(pa, pb), torch.maximum(pa, pb)
+        pairs = torch.unique(lo[lo != hi] * n + hi[lo != hi])
+        a, b = pairs // n, pairs % n
+        border = torch.zeros(n, dtype=torch.bool)
+        border[torch.cat([regions[0], regions[-1], regions[:, 0], regions[:, -1]])] = True
+        return {"regions": regions, "n": n, "area": torch.bincount(regions.reshape(-1), minlength=n).double(),
+                "src": torch.cat([a, b]), "dst": torch.cat([b, a]), "border": border,
+                "degree": torch.bincount(torch.cat([a, b]), minlength=n)}
+
+    @torch.no_grad()
+    def predict_points(self, points, multimask: bool = True):
+        """points (P, K, 2) xy -> masks bool (P, 3, H, W) (1 mask with multimask=False), scores (P, 3)."""
+        points = torch.as_tensor(points, dtype=torch.int64).cpu()
+        p, k = points.shape[:2]
+        (H, W), (h, w) = self.size, self.levels[0]["regions"].shape
+        xs = ((points[..., 0] + 0.5) * w / W).long().clamp(0, w - 1)           # (P, K) working-resolution pixels
+        ys = ((points[..., 1] + 0.5) * h / H).long().clamp(0, h - 1)
+        masks, scores = [], []
+        for i, lv in enumerate(self.levels):
+            hit = lv["regions"][ys, xs]                                          # (P, K) region under each point
+            votes = torch.zeros(p, lv["n"]).scatter_add_(1, hit, torch.ones(p, k))  # (P, N)
+            keep = votes >= votes.amax(1, keepdim=True).clamp(max=self.min_votes)   # (P, N) regions in the mask
+            for extra in ("parts", "holes"):
+                near = torch.zeros(p, lv["n"]).index_add_(1, lv["src"], keep[:, lv["dst"]].float())  # neighbours in
+                area = (keep.double() @ lv["area"])[:, None]                     # (P, 1)
+                if extra == "parts":   # one-vote regions touching the mask, smaller than extra_frac of it
+                    add = (votes > 0) & (near > 0) & (lv["area"] <= self.extra_frac * area)
+                else:                  # regions enclosed by the mask (all neighbours in it, off the border)
+                    add = (near == lv["degree"]) & (lv["degree"] > 0) & ~lv["border"] & \
+                          (lv["area"] <= self.hole_frac * area)
+                keep |= add
+            masks.append(keep[:, lv["regions"]])                                 # (P, h, w)
+            scores.append((votes * keep).sum(1) / k - self.level_penalty * i)   # share of points inside
+        masks, scores = torch.stack(masks, 1), torch.stack(scores, 1)            # (P, M, h, w), (P, M)
+        if not multimask:
+            best = scores.argmax(1)
+            masks, scores = masks[torch.arange(p), best][:, None], scores[torch.arange(p), best][:, None]
+        yi = ((torch.arange(H) + 0.5) * h / H).long()                          # nearest upsampling indices
+        xi = ((torch.arange(W) + 0.5) * w / W).long()
+        return masks[:, :, yi[:, None], xi[None, :]], scores                   # (P, M, H, W)
+
+
+def build_predictor(name: str, checkpoint=None, device: str = "cpu", chunk_size: int = 64):
+    """Registry: "vit_t" (MobileSAM, official default), "vit_h" / "vit_l" / "vit_b" (segment_anything), "toy"."""
+    if name == "toy":
+        return ToyPointPredictor()
+    if name not in PREDICTORS:
+        raise ValueError(f"unknown predictor {name!r}; expected one of {PREDICTORS}")
+    if name == "vit_t":
+        try:
+            from mobile_sam import SamPredictor, sam_model_registry
+        except ImportError as err:
+            raise ImportError("--sam vit_t (MobileSAM, the official default) needs the mobile_sam package: "
+                              "`pip install git+https://github.com/ChaoningZhang/MobileSAM` (not on PyPI); "
+                              "or use --sam vit_h|vit_l|vit_b with segment-anything") from err
+    else:
+        try:
+            from segment_anything import SamPredictor, sam_model_registry
+        except ImportError as err:
+            raise ImportError(f"--sam {name} needs `pip install segment-anything`") from err
+    if checkpoint is None or not Path(checkpoint).is_file():
+        found = "no --checkpoint given" if checkpoint is None else f"{checkpoint} does not exist"
+        raise FileNotFoundError(f"SAM {name} needs its checkpoint ({found}). Download {SAM_CHECKPOINTS[name]} and "
+                                f"pass --checkpoint /path/to/{SAM_CHECKPOINTS[name].split()[0]}")
+    model = sam_model_registry[name](checkpoint=None)
+    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    return SamPointPredictor(model.to(device).eval(), SamPredictor, chunk_size=chunk_size)
+
+
+# ---- refinement ----
+
+def erode_components(components: torch.Tensor, size: int = 3) -> torch.Tensor:
+    """Square binary erosion of every component at once, on the component map (-1 = background).
+
+    A pixel survives when its size x size window (scipy's origin for even sizes) lies inside the image and inside
+    its own component, i.e. the window's min and max id both equal its id (scipy binary_erosion, border_value=0).
+    """
+    ids = components.double()[None, None]                                     # (1, 1, H, W); exact up to 2**53
+    pad = (size // 2, size - 1 - size // 2, size // 2, size - 1 - size // 2)  # left, right, top, bottom
+    ids = F.pad(ids, pad, value=-1.0)                                          # outside the image = background
+    hi = F.max_pool2d(ids, size, stride=1)[0, 0]
+    lo = -F.max_pool2d(-ids, size, stride=1)[0, 0]
+    keep = (hi == lo) & (components >= 0)
+    return torch.where(keep, components, torch.full_like(components, -1))
+
+
+def teacher_masks(label: torch.Tensor, ignore_index: int = IGNORE_INDEX):
+    """§4.2: one binary mask per class present in the label map (ascending), ignore excluded."""
+    classes = label.unique()
+    classes = classes[classes != ignore_index]
+    return classes, label[None] == classes[:, None, None]                      # (K,), (K, H, W)
+
+
+def refine_pseudo_label(image, label, predictor, cfg: RefineConfig = None, generator=None):
+    """Sec. 3.3 / §5.2-5.3: refine one teacher label map with a point predictor.
+
+    Args:
+        image: uint8 RGB (H, W, 3) numpy or tensor, or a (3, H, W) tensor: the clean image the teacher saw.
+        label: int (H, W) teacher argmax in {0..18} (255 = ignore, excluded from components).
+        predictor: a point predictor (see module docstring).
+        cfg: RefineConfig (official defaults).
+        generator: torch.Generator for the random points.
+    Returns:
+        classes int64 (K,) ascending, masks bool (K, H, W). Without any prompted component: the unrefined teacher
+        masks (one per class present).
+    """
+    classes, masks, _ = _refine(image, label, predictor, cfg or RefineConfig(), generator)
+    return classes, masks
+
+
+def _refine(image, label, predictor, cfg: RefineConfig, generator):
+    """refine_pseudo_label plus a flag: False when it fell back to the teacher masks."""
+    label = label.long() if isinstance(label, torch.Tensor) else torch.as_tensor(np.asarray(label)).long()
+    # §5.2.1: per-class connected components (4-connectivity, like scipy.ndimage.label's default)
+    components, comp_class, comp_area = ops.connected_components(label, connectivity=cfg.connectivity,
+                                                                 ignore_index=IGNORE_INDEX)
+    if cfg.erosion:  # §5.2.2: points from the eroded component; the area threshold uses the full area
+        components = erode_components(components, cfg.erosion_size)
+    # §5.2.2: num_points random positive points per component with area > min_area (and enough pixels left)
+    points, comp_ids = ops.sample_points(components, comp_area, num_points=cfg.num_points, min_area=cfg.min_area,
+                                         mode=cfg.mode, generator=generator)   # (P, K, 2) xy, (P,)
+    if len(comp_ids) == 0:  # §5.2.4: no prompt -> fall back to the unrefined teacher pseudo label
+        return (*teacher_masks(label), False)
+    # §5.3.1-2: one batched call, 3 candidates per prompt, keep the highest predicted IoU
+    predictor.set_image(image)
+    masks, scores = predictor.predict_points(points, multimask=True)          # (P, M, H, W), (P, M)
+    best = scores.argmax(1)
+    selected = masks[torch.arange(len(best)), best].bool()                    # (P, H, W)
+    if cfg.rm_intersection:  # §5.3.3: pixels claimed by two or more masks leave all of them
+        selected &= (selected.sum(0, dtype=torch.int16) < 2)[None]
+    # official bug (reference §9.7): classes were re-assigned from per-class component counts that included
+    # components without points, shifting masks to wrong classes; each prompt carries its own component id here
+    prompt_class = comp_class[comp_ids.long()].to(selected.device)            # (P,)
+    classes = prompt_class.unique()                                           # ascending
+    out = torch.stack([selected[prompt_class == c].any(0) for c in classes])  # §5.3.4: per-class union (K, H, W)
+    return classes.to(label.device), out.to(label.device), True
+
+
+def pseudo_label_target(image, label, predictor, cfg: RefineConfig = None, generator=None) -> dict:
+    """Criterion target {"labels" int64 (K,), "masks" bool (K,H,W), "valid" bool (H,W)}.
+
+    "valid" (the union of the masks) is present only when cfg.uncovered == "ignore" and SAM refined the image;
+    the official behaviour ("drop") leaves uncovered pixels as negatives for every mask.
+    """
+    cfg = cfg or RefineConfig()
+    classes, masks, refined = _refine(image, label, predictor, cfg, generator)
+    target = {"labels": classes, "masks": masks}
+    if cfg.uncovered == "ignore" and refined:
+        target["valid"] = masks.any(0)  # not official: uncovered pixels are left out of the mask losses
+    return target
+
+
+def label_map(classes, masks, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Per-class masks -> int64 (H, W) train-id map; uncovered pixels = ignore_index; overlaps: the later class."""
+    out = torch.full(masks.shape[1:], ignore_index, dtype=torch.int64)
+    for c, m in zip(classes.tolist(), masks):
+        out[m] = c
+    return out
+
+
+# ---- CLI ----
+
+def colorize(label: np.ndarray) -> np.ndarray:
+    """Train ids (H, W) -> Cityscapes colours uint8 (H, W, 3); ignore and unknown ids are black."""
+    out = np.zeros((*label.shape, 3), dtype=np.uint8)
+    valid = label < len(PALETTE)
+    out[valid] = PALETTE[label[valid]]
+    return out
+
+
+def _save_png(path: Path, array: np.ndarray):
+    from PIL import Image
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".png.tmp")
+    with os.fdopen(fd, "wb") as f:
+        Image.fromarray(array).save(f, format="PNG")
+    os.replace(tmp, path)
+
+
+def _find_label(labels_dir: Path, stem: str) -> Path:
+    for name in (f"{stem}.png", f"{stem}_labelTrainIds.png"):
+        if (labels_dir / name).is_file():
+            return labels_dir / name
+    raise FileNotFoundError(f"no label for image {stem!r}: expected {labels_dir / (stem + '.png')} or "
+                            f"{labels_dir / (stem + '_labelTrainIds.png')} (teacher train-id PNG, 255 = ignore)")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", required=True, help="folder of RGB images (png/jpg)")
+    parser.add_argument("--labels", required=True, help="folder of teacher train-id PNGs (<stem>.png or "
+                                                        "<stem>_labelTrainIds.png)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--sam", default="vit_t", choices=PREDICTORS, help="official: vit_t (MobileSAM)")
+    parser.add_argument("--checkpoint", default=None, help="SAM / MobileSAM weights file")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0, help="points of image <stem> use seed ^ crc32(stem)")
+    parser.add_argument("--no-progress", action="store_true")
+    for f in dataclasses.fields(RefineConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default)
+    args = parser.parse_args(argv)
+    cfg = RefineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RefineConfig)})
+    return args, cfg
+
+
+def main(argv=None) -> dict:
+    from PIL import Image
+    from tqdm import tqdm
+
+    args, cfg = parse_args(argv)
+    images_dir, labels_dir, out = Path(args.images), Path(args.labels), Path(args.out)
+    images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if not images:
+        raise ValueError(f"no .png/.jpg image in {images_dir}")
+    pairs = [(p, _find_label(labels_dir, p.stem)) for p in images]  # fail before any work on a missing label
+    out.mkdir(parents=True, exist_ok=True)
+    config = {**dataclasses.asdict(cfg), "sam": args.sam, "checkpoint": args.checkpoint, "seed": args.seed}
+    fd, tmp = tempfile.mkstemp(dir=out, prefix="refine_config", suffix=".json.tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    os.replace(tmp, out / "refine_config.json")
+    predictor = None
+    summary = {"refined": 0, "skipped": 0, "fallback": 0, "coverage": [], "out": str(out)}
+    for image_path, label_path in tqdm(pairs, desc="refine", disable=args.no_progress):
+        stem = image_path.stem
+        if (out / f"{stem}.png").is_file() and (out / f"{stem}_vis.png").is_file():
+            summary["skipped"] += 1  # resume
+            continue
+        predictor = predictor or build_predictor(args.sam, args.checkpoint, args.device)
+        image = np.asarray(Image.open(image_path).convert("RGB"))
+        label = np.asarray(Image.open(label_path)).astype(np.int64)
+        if label.shape != image.shape[:2]:
+            raise ValueError(f"{label_path} is {label.shape}, its image {image_path} is {image.shape[:2]}")
+        gen = torch.Generator().manual_seed(args.seed ^ zlib.crc32(stem.encode()))
+        classes, masks, was_refined = _refine(image, label, predictor, cfg, gen)
+        refined = label_map(classes, masks).numpy().astype(np.uint8)
+        summary["fallback"] += int(not was_refined)
+        summary["coverage"].append(float((refined != IGNORE_INDEX).mean()))
+        _save_png(out / f"{stem}_vis.png", np.concatenate([image, colorize(label), colorize(refined)], axis=1))
+        _save_png(out / f"{stem}.png", refined)  # written last: its presence marks the image as done
+        summary["refined"] += 1
+    cov = summary.pop("coverage")
+    summary["mean_coverage"] = float(np.mean(cov)) if cov else None
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -185,6 +185,25 @@ def _check_labels(labels, connectivity):
     return labels
 
 
+def graph_roots(n, src, dst):
+    """Connected components of a graph with n nodes and edges src[i]-dst[i] (int64 tensors): (n,) root of each node,
+    the smallest node of its component. Each round hooks the larger root of every edge under the smaller one, then
+    pointer jumping flattens the trees."""
+    parent = torch.arange(n, device=src.device)
+    while True:
+        while True:                                                          # pointer jumping to the roots
+            grand = parent[parent]
+            if torch.equal(grand, parent):
+                break
+            parent = grand
+        ra, rb = parent[src], parent[dst]
+        differ = ra != rb
+        if not differ.any():
+            return parent
+        src, dst, ra, rb = src[differ], dst[differ], ra[differ], rb[differ]
+        parent.scatter_reduce_(0, torch.maximum(ra, rb), torch.minimum(ra, rb), reduce="amin")
+
+
 def connected_components_ref(labels, connectivity=4, ignore_index=255):
     """Specification of connected_components: union-find by pointer jumping on the pixel graph, in PyTorch.
 
@@ -209,20 +228,7 @@ def connected_components_ref(labels, connectivity=4, ignore_index=255):
     src = torch.cat([a[ok].reshape(-1) for a, b, ok in pairs])
     dst = torch.cat([b[ok].reshape(-1) for a, b, ok in pairs])
     same = flat[src] == flat[dst]
-    src, dst = src[same], dst[same]
-    parent = torch.arange(n, device=device)
-    while True:
-        while True:                                                          # pointer jumping to the roots
-            grand = parent[parent]
-            if torch.equal(grand, parent):
-                break
-            parent = grand
-        ra, rb = parent[src], parent[dst]
-        differ = ra != rb
-        if not differ.any():
-            break
-        src, dst, ra, rb = src[differ], dst[differ], ra[differ], rb[differ]
-        parent.scatter_reduce_(0, torch.maximum(ra, rb), torch.minimum(ra, rb), reduce="amin")
+    parent = graph_roots(n, src[same], dst[same])
     vflat = valid.reshape(-1)
     is_root = vflat & (parent == torch.arange(n, device=device))
     ids = torch.cumsum(is_root, 0) - 1                                       # raster order of the roots

@@ -123,24 +123,6 @@ def _hwc_numpy(image) -> np.ndarray:
     return image
 
 
-def _graph_roots(n: int, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
-    """Connected components of a graph (n nodes, edges src-dst): each node's root (smallest node of its component)."""
-    parent = torch.arange(n)
-    while len(src):
-        while True:  # pointer jumping
-            grand = parent[parent]
-            if torch.equal(grand, parent):
-                break
-            parent = grand
-        ra, rb = parent[src], parent[dst]
-        differ = ra != rb
-        if not differ.any():
-            break
-        src, dst, ra, rb = src[differ], dst[differ], ra[differ], rb[differ]
-        parent.scatter_reduce_(0, torch.maximum(ra, rb), torch.minimum(ra, rb), reduce="amin")
-    return parent
-
-
 def _neighbour_pairs(regions: torch.Tensor):
     """Region ids of all horizontally and vertically adjacent pixel pairs: (a, b), each (h*(w-1) + (h-1)*w,)."""
     a = torch.cat([regions[:, :-1].reshape(-1), regions[:-1].reshape(-1)])
@@ -219,7 +201,7 @@ class ToyPointPredictor:
             pick = (weight < threshold) & ((weight == best[a]) | (weight == best[b]))
             if not pick.any():
                 return regions
-            root = _graph_roots(n, a[pick], b[pick])
+            root = ops.graph_roots(n, a[pick], b[pick])
             regions = torch.unique(root[regions], return_inverse=True)[1]       # compact ids (h, w)
 
     @staticmethod

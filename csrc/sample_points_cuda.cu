@@ -90,17 +90,8 @@ __global__ void argmax_kernel(const int32_t* __restrict__ comp, const int32_t* _
 
 // ---- ranks -> pixels ----
 
-__device__ int64_t lower_bound_i32(const int32_t* a, int64_t n, int64_t x) {
-  int64_t lo = 0, hi = n;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi) / 2;
-    if (a[mid] < x) lo = mid + 1;
-    else hi = mid;
-  }
-  return lo;
-}
-
-__device__ int64_t lower_bound_i64(const int64_t* a, int64_t n, int64_t x) {
+template <typename T>
+__device__ int64_t first_at_least(const T* a, int64_t n, int64_t x) {  // first index with a[i] >= x
   int64_t lo = 0, hi = n;
   while (lo < hi) {
     const int64_t mid = (lo + hi) / 2;
@@ -119,7 +110,7 @@ __global__ void points_kernel(const int32_t* __restrict__ sorted_id, const int64
   if (s >= P) return;
   const int64_t c = cand[s];
   if (c < 0 || c >= num_components) return;                           // the row stays -1
-  const int64_t lo = lower_bound_i32(sorted_id, n, c), count = lower_bound_i32(sorted_id, n, c + 1) - lo;
+  const int64_t lo = first_at_least(sorted_id, n, c), count = first_at_least(sorted_id, n, c + 1) - lo;
   if (count < K) return;
   int64_t* rank = scratch + s * 3 * R;
   int64_t* pos = rank + R;
@@ -128,7 +119,7 @@ __global__ void points_kernel(const int32_t* __restrict__ sorted_id, const int64
   int64_t skip = -1;
   if (interior) {
     const int64_t first = static_cast<int64_t>(0xFFFFFFFFull - (best[c] & 0xFFFFFFFFull));
-    skip = lower_bound_i64(sorted_idx + lo, count, first);
+    skip = first_at_least(sorted_idx + lo, count, first);
     out[s * K] = first;
   }
   const int64_t m = interior ? count - 1 : count;

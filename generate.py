@@ -244,19 +244,25 @@ def render_batch(cfg: GenerateConfig, pipe, prompts: list, seeds: list) -> list:
 
 # ---- files and manifest ----
 
+def _atomic(path: Path, write):
+    """Call write(file) on a temp file beside `path`, then move it into place; no temp file survives a failure."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def _write_text(path: Path, text: str):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    _atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _write_png(path: Path, image: np.ndarray):
     from PIL import Image
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".png.tmp")
-    with os.fdopen(fd, "wb") as f:
-        Image.fromarray(image).save(f, format="PNG")
-    os.replace(tmp, path)
+    _atomic(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
 
 
 def image_name(j: int, n_prompts: int) -> str:

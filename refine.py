@@ -379,12 +379,21 @@ def colorize(label: np.ndarray) -> np.ndarray:
     return out
 
 
+def _atomic(path: Path, write):
+    """Call write(file) on a temp file beside `path`, then move it into place; no temp file survives a failure."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def _save_png(path: Path, array: np.ndarray):
     from PIL import Image
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".png.tmp")
-    with os.fdopen(fd, "wb") as f:
-        Image.fromarray(array).save(f, format="PNG")
-    os.replace(tmp, path)
+    _atomic(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
 
 
 def _find_label(labels_dir: Path, stem: str) -> Path:
@@ -429,10 +438,7 @@ def main(argv=None) -> dict:
     pairs = [(p, _find_label(labels_dir, p.stem)) for p in images]  # fail before any work on a missing label
     out.mkdir(parents=True, exist_ok=True)
     config = {**dataclasses.asdict(cfg), "sam": args.sam, "checkpoint": args.checkpoint, "seed": args.seed}
-    fd, tmp = tempfile.mkstemp(dir=out, prefix="refine_config", suffix=".json.tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)
-    os.replace(tmp, out / "refine_config.json")
+    _atomic(out / "refine_config.json", lambda f: f.write(json.dumps(config, indent=2).encode("utf-8")))
     predictor = None
     summary = {"refined": 0, "skipped": 0, "fallback": 0, "coverage": [], "out": str(out)}
     for image_path, label_path in tqdm(pairs, desc="refine", disable=args.no_progress):

@@ -41,6 +41,33 @@ SAM_CHECKPOINTS = {  # official SAM / MobileSAM release files (reference §5.1 u
     "vit_t": "mobile_sam.pt from https://github.com/ChaoningZhang/MobileSAM (weights/mobile_sam.pt)",
 }
 PREDICTORS = ("vit_t", "vit_h", "vit_l", "vit_b", "toy")
+DEFAULT_CHECKPOINTS = {  # where the official code reads them (reference §5.1: ./weights/)
+    "vit_t": "weights/mobile_sam.pt", "vit_h": "weights/sam_vit_h_4b8939.pth",
+    "vit_l": "weights/sam_vit_l_0b3195.pth", "vit_b": "weights/sam_vit_b_01ec64.pth",
+}
+SAM_PACKAGES = {  # predictor -> (module, pip package)
+    "vit_t": ("mobile_sam", "mobilesam-mirror"), "vit_h": ("segment_anything", "segment-anything"),
+    "vit_l": ("segment_anything", "segment-anything"), "vit_b": ("segment_anything", "segment-anything"),
+}
+
+
+def predictor_problems(name: str, checkpoint=None, flag: str = "--checkpoint") -> list:
+    """What stops `build_predictor(name, checkpoint)` from working, without building anything: a list of messages
+    (empty = fine), each naming the fix with the caller's own flag for the checkpoint."""
+    import importlib.util
+
+    if name == "toy" or name not in SAM_PACKAGES:
+        return []
+    problems = []
+    module, package = SAM_PACKAGES[name]
+    if importlib.util.find_spec(module) is None:
+        problems.append(f"SAM {name} needs the {module} package: pip install {package}")
+    path = Path(checkpoint or DEFAULT_CHECKPOINTS[name])
+    if not path.is_file():
+        source = SAM_CHECKPOINTS[name].split(" from ")[-1]
+        problems.append(f"SAM {name} checkpoint {path} not found: download {source} to {DEFAULT_CHECKPOINTS[name]}, "
+                        f"or pass {flag} /path/to/{Path(DEFAULT_CHECKPOINTS[name]).name}")
+    return problems
 
 
 # ---- config ----

@@ -830,6 +830,30 @@ def _load_head_strict(head, state, what):
     head.load_state_dict(state, strict=True)
 
 
+def _split_backbone(backbone, clip_sd, what):
+    """Sort a file's CLIP tensors (prefix `backbone.clip_model.` removed) against the model's `clip_sd`.
+
+    The image tower (`visual.*`) makes the features, so it must match exactly: a `visual.*` tensor missing from the
+    file, unknown to the model or of another shape is a RuntimeError naming the keys. The other tensors (text tower,
+    `logit_scale`) load where name and shape match; the rest are skipped and returned.
+    Returns (tensors to load {key: tensor}, skipped keys sorted, model keys absent from the file sorted).
+    """
+    file_vis = {k for k in backbone if k.startswith("visual.")}
+    model_vis = {k for k in clip_sd if k.startswith("visual.")}
+    missing, unexpected = sorted(model_vis - file_vis), sorted(file_vis - model_vis)
+    mismatched = [f"{k}: file {tuple(backbone[k].shape)} vs model {tuple(clip_sd[k].shape)}"
+                  for k in sorted(file_vis & model_vis) if backbone[k].shape != clip_sd[k].shape]
+    if missing or unexpected or mismatched:
+        raise RuntimeError(
+            f"{what}: the CLIP image tower (prefix 'backbone.clip_model.visual.') does not match the model's "
+            f"({len(model_vis)} tensors): {len(missing)} missing {missing[:10]}, {len(unexpected)} unexpected "
+            f"{unexpected[:10]}, {len(mismatched)} shape-mismatched {mismatched[:10]}. Build the model with the "
+            f"checkpoint's preset (convnext_large / rn50 / rn101) or pass model=None to infer it; the released files "
+            f"name the tensors as open_clip 2.20.0 + timm 0.9.5 do.")
+    load = {k: v for k, v in backbone.items() if k in clip_sd and clip_sd[k].shape == v.shape}
+    return load, sorted(set(backbone) - set(load)), sorted(set(clip_sd) - set(backbone))
+
+
 def _infer_preset(head, backbone):
     cin = head["pixel_decoder.input_proj.0.0.weight"].shape[1]
     if cin == 1536:
@@ -846,10 +870,16 @@ def _infer_preset(head, backbone):
 def load_official(path, model=None):
     """Load an official CLOUDS `model_final.pth` (detectron2 format, state dict under "model").
 
-    `sem_seg_head.*` loads strictly into `model.sem_seg_head`; `backbone.clip_model.*` into the open_clip model where
-    names and shapes match; `criterion.empty_weight`, `void_embedding.weight`, `sem_seg_head_ema.*`, `sam.*` are
-    skipped. With model=None the preset is inferred from the head and the backbone comes from the file when present.
-    Returns (model, report dict).
+    `sem_seg_head.*` loads strictly into `model.sem_seg_head`. When the file has `backbone.clip_model.*` tensors, its
+    image tower `visual.*` loads strictly into the open_clip model (a missing, unknown or shape-mismatched key is an
+    error naming it); text-tower tensors load where name and shape match and are otherwise reported as skipped.
+    `criterion.empty_weight`, `void_embedding.weight`, `sem_seg_head_ema.*`, `sam.*` are skipped. With model=None the
+    preset is inferred from the head and the backbone comes from the file when present. Everything is checked before
+    anything loads, so a failed call leaves `model` unchanged.
+
+    Returns (model, report): report["file_keys"] = head_keys + backbone_loaded + len(backbone_skipped) + len(skipped)
+    (every key of the file is counted once); backbone_visual = image-tower tensors loaded; backbone_missing =
+    text-tower tensors of the model absent from the file (None without backbone tensors: the model keeps its CLIP).
     """
     ckpt = _torch_load(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
@@ -864,15 +894,22 @@ def load_official(path, model=None):
     if model is None:
         preset = _infer_preset(head, backbone)
         model = build_model(preset, **({"pretrained": None} if backbone else {}))
+    load, clip_skipped, clip_missing = {}, [], []
+    if backbone:  # checked before the head loads, so an error leaves the model as it was
+        load, clip_skipped, clip_missing = _split_backbone(backbone, model.backbone.clip_model.state_dict(), str(path))
     _load_head_strict(model.sem_seg_head, head, f"{path}")
-    clip_sd = model.backbone.clip_model.state_dict()
-    ok = {k: v for k, v in backbone.items() if k in clip_sd and clip_sd[k].shape == v.shape}
-    model.backbone.clip_model.load_state_dict(ok, strict=False)
-    report = {"preset": preset, "head_keys": len(head), "head_params": sum(v.numel() for v in head.values()),
-              "backbone_loaded": len(ok), "backbone_skipped": sorted(set(backbone) - set(ok)),
-              "backbone_missing": len(set(clip_sd) - set(backbone)) if backbone else None, "skipped": skipped}
-    if backbone and report["backbone_missing"]:
-        warnings.warn(f"{report['backbone_missing']} CLIP tensors were not in the file and keep their previous values")
+    if load:
+        model.backbone.clip_model.load_state_dict(load, strict=False)  # visual.* complete; text tower may not be
+    report = {"preset": preset, "file_keys": len(sd), "head_keys": len(head),
+              "head_params": sum(v.numel() for v in head.values()), "backbone_loaded": len(load),
+              "backbone_visual": sum(k.startswith("visual.") for k in load), "backbone_skipped": clip_skipped,
+              "backbone_missing": len(clip_missing) if backbone else None, "skipped": skipped}
+    if clip_skipped:
+        warnings.warn(f"{len(clip_skipped)} CLIP text-tower tensors of the file do not match the model (unknown name "
+                      f"or shape) and were skipped: {clip_skipped[:10]}")
+    if clip_missing:
+        warnings.warn(f"{len(clip_missing)} CLIP text-tower tensors were not in the file and keep their previous "
+                      f"values: {clip_missing[:10]}")
     return model, report
 
 

@@ -2,6 +2,7 @@
 import itertools
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -351,21 +352,43 @@ def _appendix_a():
     return [(k, tuple(int(d) for d in s.strip("[]").split(","))) for k, s in rows]
 
 
+def _fake_tensors(shapes, start=0):
+    """{key: tensor} with tensor i = the single value start + i broadcast to its shape (an expanded 1-element storage:
+    torch.save writes one number per key, so a fake 837-key ConvNeXt-L file is ~100 KB, not 1.5 GB)."""
+    return {k: torch.tensor(float(start + i)).to(dtype).expand(shape)
+            for i, (k, (shape, dtype)) in enumerate(shapes.items())}
+
+
+def _official_file(path, backbone, head=10_000, other=True):
+    """Write a detectron2-style model_final.pth: {"model": {backbone.clip_model.*, sem_seg_head.*, others}}; `head`
+    is a dict of head tensors or the first value of fake ConvNeXt-L head tensors."""
+    sd = {f"backbone.clip_model.{k}": v for k, v in backbone.items()}
+    if not isinstance(head, dict):
+        head = _fake_tensors({k: (shape, torch.float32) for k, shape in _appendix_a()}, head)
+    sd.update(head)
+    if other:  # official_checkpoint_keys.md §2: the two non-model keys
+        sd.update({"criterion.empty_weight": torch.ones(20), "void_embedding.weight": torch.randn(1, 768)})
+    torch.save({"model": sd, "iteration": 3}, path)
+    return sd
+
+
+@pytest.fixture(scope="module")
+def clip_file_tensors(convnext_large):
+    """The 543 tensors of open_clip `convnext_large_d_320` (keys.md §5) as fake file tensors, in state_dict order."""
+    return _fake_tensors({k: (v.shape, v.dtype) for k, v in convnext_large.backbone.clip_model.state_dict().items()})
+
+
 def test_load_official_round_trip(convnext_large, tmp_path):
     expected = _appendix_a()
     assert len(expected) == 292
     torch.manual_seed(6)
     sd = {k: torch.randn(shape) for k, shape in expected}
-    sd.update({"backbone.clip_model.logit_scale": torch.tensor(1.5),
-               "backbone.clip_model.visual.trunk.stem.0.bias": torch.randn(192),
-               "backbone.clip_model.visual.trunk.stem.0.weight": torch.randn(7),  # wrong shape -> skipped
-               "criterion.empty_weight": torch.ones(20), "void_embedding.weight": torch.randn(1, 768)})
+    sd.update({"criterion.empty_weight": torch.ones(20), "void_embedding.weight": torch.randn(1, 768)})
     torch.save({"model": sd, "iteration": 3}, tmp_path / "model_final.pth")
-    with pytest.warns(UserWarning, match="not in the file"):
-        model, report = clouds.load_official(tmp_path / "model_final.pth", model=convnext_large)
+    model, report = clouds.load_official(tmp_path / "model_final.pth", model=convnext_large)
     assert report["head_keys"] == 292 and report["head_params"] == 20_253_908
-    assert report["backbone_loaded"] == 2
-    assert report["backbone_skipped"] == ["visual.trunk.stem.0.weight"]
+    assert report["file_keys"] == 294 and report["backbone_loaded"] == 0 and report["backbone_missing"] is None
+    assert report["backbone_skipped"] == []  # no backbone tensors: the model keeps its own CLIP weights
     assert report["skipped"] == ["criterion.empty_weight", "void_embedding.weight"]
     state = {f"sem_seg_head.{k}": v for k, v in model.sem_seg_head.state_dict().items()}
     assert [(k, tuple(v.shape)) for k, v in state.items()] == expected  # same keys, shapes and order
@@ -373,7 +396,6 @@ def test_load_official_round_trip(convnext_large, tmp_path):
     assert torch.equal(model.sem_seg_head.predictor.class_embed.weight, sd["sem_seg_head.predictor.class_embed.weight"])
     assert torch.equal(model.sem_seg_head.pixel_decoder.transformer.level_embed,
                        sd["sem_seg_head.pixel_decoder.transformer.level_embed"])
-    assert model.backbone.clip_model.logit_scale.item() == 1.5
 
     del sd["sem_seg_head.predictor.level_embed.weight"]
     torch.save({"model": sd}, tmp_path / "broken.pth")
@@ -381,19 +403,87 @@ def test_load_official_round_trip(convnext_large, tmp_path):
         clouds.load_official(tmp_path / "broken.pth", model=convnext_large)
 
 
+def test_load_official_strict_backbone_accounts_for_every_key(convnext_large, clip_file_tensors, tmp_path):
+    clip = clip_file_tensors
+    visual = [k for k in clip if k.startswith("visual.")]
+    assert (len(clip), len(visual), len(clip) - len(visual)) == (543, 345, 198)  # keys.md §5: visual 345, text 198
+    sd = _official_file(tmp_path / "model_final.pth", clip)
+    assert len(sd) == 837  # keys.md §2: the whole ConvNeXt-L "model" dict
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a complete file: nothing skipped, nothing missing, no warning
+        model, report = clouds.load_official(tmp_path / "model_final.pth", model=convnext_large)
+    assert report["file_keys"] == 837 and report["head_keys"] == 292
+    assert report["backbone_loaded"] == 543 and report["backbone_visual"] == 345
+    assert report["backbone_skipped"] == [] and report["backbone_missing"] == 0
+    assert report["skipped"] == ["criterion.empty_weight", "void_embedding.weight"]
+    state = model.backbone.clip_model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in clip.items())  # each tensor got its own key's value
+    assert model.backbone.clip_model.logit_scale.item() == list(clip).index("logit_scale")
+
+    # text-tower trouble is reported, not fatal: one unknown, one shape-mismatched, one absent
+    text = dict(clip)
+    del text["ln_final.bias"]
+    text["text_projection"] = torch.zeros(768, 512)  # model: (768, 768)
+    text["transformer.resblocks.16.ln_1.weight"] = torch.zeros(768)  # the model has blocks 0..15
+    _official_file(tmp_path / "text.pth", text)
+    with pytest.warns(UserWarning) as record:
+        _, report = clouds.load_official(tmp_path / "text.pth", model=convnext_large)
+    messages = " ".join(str(w.message) for w in record)
+    assert "skipped: ['text_projection', 'transformer.resblocks.16.ln_1.weight']" in messages
+    assert "not in the file and keep their previous values: ['ln_final.bias']" in messages
+    assert report["backbone_loaded"] == 541 and report["backbone_visual"] == 345 and report["backbone_missing"] == 1
+    assert report["backbone_skipped"] == ["text_projection", "transformer.resblocks.16.ln_1.weight"]
+    counted = report["head_keys"] + report["backbone_loaded"] + len(report["backbone_skipped"]) + len(report["skipped"])
+    assert counted == report["file_keys"] == 837  # every key of the file loaded or listed
+
+
+@pytest.mark.parametrize("case", ["unknown", "missing", "shape"])
+def test_load_official_strict_backbone_errors_name_the_key(convnext_large, clip_file_tensors, tmp_path, case):
+    clip = dict(clip_file_tensors)
+    if case == "unknown":
+        key, expected = "visual.trunk.stages.4.blocks.0.gamma", (
+            r"1 unexpected \['visual.trunk.stages.4.blocks.0.gamma'\]")  # the trunk has stages 0..3
+        clip[key] = torch.zeros(1536)
+    elif case == "missing":
+        key, expected = "visual.trunk.stages.2.blocks.26.mlp.fc2.bias", (
+            r"1 missing \['visual.trunk.stages.2.blocks.26.mlp.fc2.bias'\]")
+        del clip[key]
+    else:
+        key, expected = "visual.head.mlp.fc2.weight", (
+            r"1 shape-mismatched \['visual.head.mlp.fc2.weight: file \(768, 1024\) vs model \(768, 1536\)'\]")
+        clip[key] = torch.zeros(768, 1024)
+    before = convnext_large.sem_seg_head.predictor.query_feat.weight.clone()
+    sd = _official_file(tmp_path / "bad.pth", clip, head=20_000)  # head values the model does not hold yet
+    with pytest.raises(RuntimeError, match=expected) as info:
+        clouds.load_official(tmp_path / "bad.pth", model=convnext_large)
+    assert "0 missing" in str(info.value) or case == "missing"
+    assert "preset" in str(info.value)  # says what to do
+    # checked before anything loads: the head did not take the file's values
+    assert torch.equal(convnext_large.sem_seg_head.predictor.query_feat.weight, before)
+    assert not torch.equal(before, sd["sem_seg_head.predictor.query_feat.weight"])
+
+
 def test_load_official_builds_rn50_from_file(tmp_path):
+    import open_clip
+
     rn_shapes = {"input_proj.0.0.weight": (256, 2048, 1, 1), "input_proj.1.0.weight": (256, 1024, 1, 1),
                  "input_proj.2.0.weight": (256, 512, 1, 1), "adapter_1.weight": (256, 256, 1, 1)}  # keys.md §6.1
-    sd = {k: torch.randn(rn_shapes.get(k.removeprefix("sem_seg_head.pixel_decoder."), shape))
-          for k, shape in _appendix_a()}
-    sd["backbone.clip_model.visual.layer3.5.conv1.weight"] = torch.randn(256, 1024, 1, 1)  # RN50: 6 layer3 blocks
-    torch.save({"model": sd}, tmp_path / "rn50.pth")
-    with pytest.warns(UserWarning, match="not in the file"):
+    head = {k: torch.randn(rn_shapes.get(k.removeprefix("sem_seg_head.pixel_decoder."), shape))
+            for k, shape in _appendix_a()}
+    shapes = open_clip.create_model("RN50", force_quick_gelu=True, device="meta").state_dict()  # keys only, 0.3 s
+    visual = _fake_tensors({k: (v.shape, v.dtype) for k, v in shapes.items() if k.startswith("visual.")})
+    assert len(shapes) == 489 and len(visual) == 339  # keys.md §6.2: 489 backbone keys, 150 of them text
+    assert visual["visual.layer3.5.conv1.weight"].shape == (256, 1024, 1, 1)  # RN50: 6 layer3 blocks
+    _official_file(tmp_path / "rn50.pth", visual, head, other=False)  # image tower only
+    with pytest.warns(UserWarning, match="150 CLIP text-tower tensors were not in the file"):
         model, report = clouds.load_official(tmp_path / "rn50.pth")  # model=None: preset inferred, built here
-    assert report["preset"] == "rn50" and report["backbone_loaded"] == 1
+    assert report["preset"] == "rn50" and report["backbone_loaded"] == report["backbone_visual"] == 339
+    assert report["backbone_missing"] == 150 and report["file_keys"] == 292 + 339
     assert clouds.head_parameter_count(model) == 20_499_668  # official_checkpoint_keys.md §6.1
     assert torch.equal(model.backbone.clip_model.visual.layer3[5].conv1.weight,
-                       sd["backbone.clip_model.visual.layer3.5.conv1.weight"])
+                       visual["visual.layer3.5.conv1.weight"])
+    assert model.backbone.clip_model.visual.bn1.num_batches_tracked.item() == list(visual).index(
+        "visual.bn1.num_batches_tracked")  # int64 BatchNorm buffers load too
     feats = model.features(torch.zeros(1, 3, 64, 96))
     assert [tuple(f.shape) for f in feats.values()] == [(1, 256, 16, 24), (1, 512, 8, 12), (1, 1024, 4, 6),
                                                         (1, 2048, 2, 3)]

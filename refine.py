@@ -69,7 +69,8 @@ def predictor_problems(name: str, checkpoint=None, flag: str = "--checkpoint") -
     path = Path(checkpoint or DEFAULT_CHECKPOINTS[name])
     if not path.is_file():
         source = SAM_CHECKPOINTS[name].split(" from ")[-1]
-        problems.append(f"SAM {name} checkpoint {path} does not exist: download {source} to {DEFAULT_CHECKPOINTS[name]}, "
+        problems.append(f"SAM {name} checkpoint {path} does not exist: download {source} to "
+                        f"{DEFAULT_CHECKPOINTS[name]}, "
                         f"or pass {flag} /path/to/{Path(DEFAULT_CHECKPOINTS[name]).name}")
     return problems
 
@@ -531,7 +532,8 @@ def parse_args(argv=None):
     parser.add_argument("--sam", default="vit_t", choices=PREDICTORS,
                         help="point predictor: vit_t = MobileSAM (official), vit_h/vit_l/vit_b = SAM, toy = offline "
                              "ToyCity stand-in (no weights)")
-    parser.add_argument("--checkpoint", default=None, help="SAM / MobileSAM weights file; None = the official path of --sam: "
+    parser.add_argument("--checkpoint", default=None,
+                        help="SAM / MobileSAM weights file; None = the official path of --sam: "
                         + ", ".join(f"{k}: {v}" for k, v in DEFAULT_CHECKPOINTS.items()))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--seed", type=int, default=0, help="points of image <stem> use seed ^ crc32(stem)")

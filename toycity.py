@@ -1157,8 +1157,9 @@ def main(argv=None) -> dict:
         args = vars(parser.parse_args(argv))
         del args["debug"]
         cfg = BuildConfig(**args)
-        problems = [f"--{flag} must be >= {low}, got {value}" for flag, value, low in
-                    (("num-images", cfg.num_images, 0), ("workers", cfg.workers, 1)) if value is not None and value < low]
+        limits = (("num-images", cfg.num_images, 0), ("workers", cfg.workers, 1))
+        problems = [f"--{flag} must be >= {low}, got {value}" for flag, value, low in limits
+                    if value is not None and value < low]
         if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
             problems.append(f"--out {cfg.out} is a file; pass a folder")
         if problems:

@@ -388,7 +388,8 @@ def test_images_inference_with_a_tiny_checkpoint(tmp_path, monkeypatch, capsys):
         image = np.array(Image.open(tmp_path / f"photos/{stem}.png"))
         pred = np.array(Image.open(out / f"{stem}.png"))
         assert pred.shape == (h, w) and pred.max() < 19
-        colour, over = np.array(Image.open(out / f"{stem}_color.png")), np.array(Image.open(out / f"{stem}_overlay.png"))
+        colour = np.array(Image.open(out / f"{stem}_color.png"))
+        over = np.array(Image.open(out / f"{stem}_overlay.png"))
         assert colour.shape == over.shape == (h, w, 3) and np.array_equal(colour, data.colorize(pred))
         ref = (image.astype(np.float64) + colour) / 2  # independent: the 50/50 blend in float64
         assert np.abs(over.astype(np.float64) - ref).max() <= 0.5 + 1e-9

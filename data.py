@@ -13,6 +13,7 @@ Usage:
 import argparse
 import functools
 import os
+import sys
 from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
@@ -516,21 +517,38 @@ def convert(dataset: str, root, nproc: int = None, progress: bool = True) -> int
 
 # ---- command line ----
 
-def main(argv=None):
-    """`convert <dataset> <root> [--nproc N]` returns the number of files written; `info` returns the dataset size."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def _parser():
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=fmt)
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
-    conv = sub.add_parser("convert", help="write *_labelTrainIds.png beside the raw labels")
+    conv = sub.add_parser("convert", help="write *_labelTrainIds.png beside the raw labels", formatter_class=fmt)
     conv.add_argument("dataset", choices=[n for n, l in DATASETS.items() if l.raw_suffix] + ["bdd"]
-                      + [n for n in DATASETS if n.startswith("acdc")])
+                      + [n for n in DATASETS if n.startswith("acdc")],
+                      help="dataset whose raw label ids to convert (bdd and acdc_* ship train ids: nothing to do)")
     conv.add_argument("root", help="datasets root (holding gta5/, synthia/, cityscapes/, mapillary_vistas/)")
-    conv.add_argument("--nproc", type=int, default=None, help="worker processes (default: all CPUs)")
-    conv.add_argument("--no-progress", action="store_true")
-    info = sub.add_parser("info", help="check a dataset's layout and print its size")
-    info.add_argument("dataset", choices=list(DATASETS))
-    info.add_argument("root")
-    info.add_argument("--split", default=None)
-    args = parser.parse_args(argv)
+    conv.add_argument("--nproc", type=int, default=None, help="worker processes; None = all CPUs")
+    conv.add_argument("--no-progress", action="store_true", help="no progress bar")
+    conv.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="as above")
+    info = sub.add_parser("info", help="check a dataset's layout and print its size", formatter_class=fmt)
+    info.add_argument("dataset", choices=list(DATASETS), help="dataset name")
+    info.add_argument("root", help="datasets root (for generated: generate.py's --out folder)")
+    info.add_argument("--split", default=None, choices=("train", "val"), help="None = the official split "
+                      "(train for gta, synthia, generated; val for the test sets)")
+    info.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="as above")
+    return parser
+
+
+def _command(argv):
+    args = _parser().parse_args(argv)
+    problems = []
+    if not Path(args.root).expanduser().is_dir():
+        problems.append(f"ROOT {args.root} is not a folder: pass the datasets root, `python data.py {args.command} "
+                        f"{args.dataset} /path/to/datasets`")
+    if args.command == "convert" and args.nproc is not None and args.nproc < 1:
+        problems.append(f"--nproc must be >= 1, got {args.nproc}")
+    if problems:
+        raise ValueError(f"{len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
     if args.command == "convert":
         n = convert(args.dataset, args.root, args.nproc, progress=not args.no_progress)
         print(f"{args.dataset}: wrote {n} *_labelTrainIds.png files under {Path(args.root).absolute()}")
@@ -540,6 +558,19 @@ def main(argv=None):
     print(f"{args.dataset} ({args.split or default_split(args.dataset)}): {len(ds)} images; first "
           f"{sample['name']} {tuple(sample['image'].shape)}")
     return len(ds)
+
+
+def main(argv=None):
+    """`convert <dataset> <root> [--nproc N]` returns the number of files written; `info` returns the dataset size.
+    Bad inputs: one message on stderr and exit code 2 (the traceback with --debug)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _command(argv)
+    except (ValueError, OSError, RuntimeError) as err:
+        if "--debug" in argv:
+            raise
+        print(f"data.py: error: {err}\n(add --debug for the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -8,11 +8,13 @@ Usage:
     python evaluate.py --weights runs/gta/model_final.pt --datasets cityscapes bdd mapillary --data-root datasets
     python evaluate.py --weights clouds_gta.pth --official --data-root datasets --out r.json   # official checkpoint
     python evaluate.py --pred-dir preds/ --dataset bdd --data-root datasets      # score train-id PNGs <stem>.png
+    python evaluate.py --weights W --images my_photos/ --save-pred out/          # your own images, no GT
 """
 import argparse
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -35,6 +37,7 @@ class EvalConfig:
     preset: str = ""             # --official: clouds preset to build first ("" = inferred from the file's keys)
     clip_weights: str = ""       # local open_clip weights for a backbone that the checkpoint does not hold
     pred_dir: str = ""           # score a folder of predicted train-id PNGs <image stem>.png instead of a model
+    images: str = ""             # predict a folder of the user's own images (no GT) into --save-pred
     split: str = ""              # dataset split ("" = data.default_split: val for the test sets)
     short_side: int = 1024       # official MapperTest ResizeShortestEdge(1024, max_size=inf)
     save_pred: str = ""          # write predictions to <dir>/<dataset>/<stem>.png (train ids) and <stem>_color.png
@@ -42,36 +45,74 @@ class EvalConfig:
     device: str = "auto"         # cpu, cuda, cuda:N or auto (cuda when available)
     workers: int = 2             # DataLoader workers for reading and resizing
     progress: bool = True        # tqdm bars
+    overwrite: bool = False      # --images: replace existing prediction files
+    debug: bool = False          # errors with their traceback
 
     def __post_init__(self):
         self.datasets = tuple(self.datasets)
+        problems = []
         unknown = [d for d in self.datasets if d not in data.DATASETS or d == "generated"]
         if unknown:
-            raise ValueError(f"unknown test dataset(s) {unknown}; valid: "
-                             f"{', '.join(d for d in data.DATASETS if d != 'generated')}")
+            problems.append(f"unknown test dataset(s) {unknown} in --datasets; valid: {', '.join(TEST_DATASETS)}")
         if bool(self.weights) == bool(self.pred_dir):
-            raise ValueError("give exactly one of --weights (evaluate a model) or --pred-dir (score saved PNGs)")
+            problems.append("give exactly one of --weights (evaluate a model) or --pred-dir (score saved PNGs)")
         if self.pred_dir and len(self.datasets) != 1:
-            raise ValueError(f"--pred-dir scores one dataset; got --datasets {' '.join(self.datasets)}")
+            problems.append(f"--pred-dir scores one dataset; got --datasets {' '.join(self.datasets)}")
+        if self.images and not self.save_pred:
+            problems.append("--images needs --save-pred DIR (where the predictions go)")
+        if self.images and self.pred_dir:
+            problems.append("--images predicts with --weights; it cannot be combined with --pred-dir")
         if self.official and not self.weights:
-            raise ValueError("--official needs --weights pointing to the official checkpoint")
+            problems.append("--official needs --weights pointing to the official checkpoint")
         if self.preset and not self.official:
-            raise ValueError("--preset is for --official checkpoints (ours store their config)")
+            problems.append("--preset is for --official checkpoints (ours store their config)")
         if self.short_side < 1:
-            raise ValueError(f"--short-side must be >= 1, got {self.short_side}")
+            problems.append(f"--short-side must be >= 1, got {self.short_side}")
+        if problems:
+            raise ValueError(_problems(problems))
+
+
+TEST_DATASETS = tuple(d for d in data.DATASETS if d != "generated")
+HELP = {  # EvalConfig fields -> --help text
+    "data_root": "datasets root (holding cityscapes/, bdd10k/, mapillary_vistas/, acdc/, ...)",
+    "datasets": "test datasets, one or more of: " + ", ".join(TEST_DATASETS),
+    "weights": "checkpoint to evaluate: ours (train.py model_final.pt) or an official one with --official",
+    "official": "--weights is an official detectron2 CLOUDS checkpoint",
+    "preset": "--official: model preset (convnext_large, rn50, rn101, tiny); '' = inferred from the file",
+    "clip_weights": "local open_clip weights, for a backbone the checkpoint does not hold",
+    "pred_dir": "score a folder of train-id PNGs <image stem>.png instead of a model (one --dataset)",
+    "images": "predict a folder of your own images (no ground truth): writes <stem>.png (train ids), "
+              "<stem>_color.png and <stem>_overlay.png at each image's size into --save-pred",
+    "split": "dataset split; '' = the official one (val for the test sets)",
+    "short_side": "test-time short side in pixels (official 1024, ResizeShortestEdge)",
+    "save_pred": "write the predictions here: <dir>/<dataset>/<stem>.png and <stem>_color.png (with --images: "
+                 "<dir>/<stem>.png, _color.png, _overlay.png)",
+    "out": "write the metrics as JSON to this file",
+    "device": "cpu, cuda, cuda:N or auto (cuda when available)",
+    "workers": "DataLoader workers for reading and resizing",
+    "progress": "progress bars",
+    "overwrite": "--images: replace prediction files already in --save-pred (otherwise refused)",
+    "debug": "show the Python traceback of an error",
+}
+
+
+def _problems(problems: list) -> str:
+    """One message listing every problem."""
+    return f"{len(problems)} problem(s):\n  - " + "\n  - ".join(problems)
 
 
 def parse_args(argv=None) -> EvalConfig:
     """argparse generated from EvalConfig's fields (`--dataset` is an alias of `--datasets`)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(EvalConfig):
         flags = [f"--{f.name.replace('_', '-')}"] + (["--dataset"] if f.name == "datasets" else [])
         if f.type is bool or isinstance(f.default, bool):
-            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default)
-        elif isinstance(f.default, tuple):
-            parser.add_argument(*flags, nargs="+", default=f.default)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default, help=HELP[f.name])
+        elif isinstance(f.default, tuple):  # names checked in EvalConfig (one message with the valid ones)
+            parser.add_argument(*flags, nargs="+", default=f.default, help=HELP[f.name], metavar="NAME")
         else:
-            parser.add_argument(*flags, type=type(f.default), default=f.default)
+            parser.add_argument(*flags, type=type(f.default), default=f.default, help=HELP[f.name])
     return EvalConfig(**vars(parser.parse_args(argv)))
 
 
@@ -307,19 +348,97 @@ def evaluate_predictions(pred_dir, name: str, root, split: str = None, short_sid
     return {**compute_metrics(conf), "conf": conf}
 
 
+# ---- inference on a folder of images (no ground truth) ----
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+OUTPUT_SUFFIXES = (".png", "_color.png", "_overlay.png")  # train ids, Cityscapes colours, image blended with colours
+
+
+def list_images(folder) -> list:
+    """Sorted image files (png/jpg, not hidden) directly in `folder`."""
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def overlay(image: np.ndarray, pred: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """uint8 (H, W, 3): the image blended with the colour map of `pred` (ignore pixels keep the image)."""
+    colour = data.colorize(pred).astype(np.float32)
+    mixed = (1 - alpha) * image.astype(np.float32) + alpha * colour
+    mixed[pred >= data.NUM_CLASSES] = image[pred >= data.NUM_CLASSES]
+    return np.round(mixed).clip(0, 255).astype(np.uint8)
+
+
+@torch.inference_mode()
+def predict_images(model, paths, save_dir, device="cpu", short_side: int = 1024, progress: bool = True) -> int:
+    """Predict each image at the §8.1 test size (short side `short_side`), resize the prediction back to the image
+    (nearest), and write <save_dir>/<stem>.png (train ids), <stem>_color.png and <stem>_overlay.png atomically.
+    Returns the number of images written."""
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    for path in tqdm(paths, desc="predict", disable=not progress):
+        image = data.read_image(path)                                          # (H, W, 3) uint8
+        size = data.shortest_edge_size(*image.shape[:2], short_side)
+        x = torch.from_numpy(data.resize_image(image, size)).permute(2, 0, 1)[None].to(device)  # (1, 3, h, w)
+        pred = model.predict(x)[0].cpu().numpy().astype(np.uint8)              # (h, w) train ids
+        pred = data.resize_label(pred, image.shape[:2])                        # (H, W), nearest
+        stem = Path(path).stem
+        data.save_png(pred, save_dir / f"{stem}.png")
+        data.save_png(data.colorize(pred), save_dir / f"{stem}_color.png")
+        data.save_png(overlay(image, pred), save_dir / f"{stem}_overlay.png")
+    return len(paths)
+
+
 # ---- command line ----
 
-def main(argv=None) -> dict:
-    """Evaluate a model (or score saved predictions); print the table; return {dataset: metrics}."""
+def preflight(cfg: EvalConfig) -> list:
+    """Every problem with the inputs, each naming the flag that fixes it (files, folders, dataset layouts)."""
+    problems = []
+    if cfg.weights and not Path(cfg.weights).is_file():
+        problems.append(f"--weights {cfg.weights} does not exist; pass a checkpoint file (train.py writes "
+                        f"OUT/model_final.pt)")
+    if cfg.pred_dir and not Path(cfg.pred_dir).is_dir():
+        problems.append(f"--pred-dir {cfg.pred_dir} is not a folder of <image stem>.png predictions")
+    if cfg.images:
+        if not Path(cfg.images).is_dir():
+            problems.append(f"--images {cfg.images} is not a folder")
+        elif not list_images(cfg.images):
+            problems.append(f"--images {cfg.images} holds no .png/.jpg image")
+        elif Path(cfg.save_pred).is_dir() and not cfg.overwrite:
+            taken = [Path(cfg.save_pred) / f"{p.stem}{s}" for p in list_images(cfg.images) for s in OUTPUT_SUFFIXES]
+            taken = [p for p in taken if p.exists()]
+            if taken:
+                problems.append(f"--save-pred {cfg.save_pred} already holds {len(taken)} prediction files (e.g. "
+                                f"{taken[0].name}); pass another --save-pred or add --overwrite")
+        return problems
+    if not Path(cfg.data_root).is_dir():
+        return problems + [f"--data-root {cfg.data_root} is not a folder; pass the datasets root"]
+    for name in cfg.datasets:
+        try:
+            data.list_files(name, cfg.data_root, cfg.split or None)
+        except (FileNotFoundError, ValueError) as err:
+            problems.append(f"--datasets {name} (--data-root {cfg.data_root}): " + str(err).replace("\n", "\n    "))
+    return problems
+
+
+def _run(argv) -> dict:
     cfg = parse_args(argv)
+    problems = preflight(cfg)
+    if problems:
+        raise ValueError(_problems(problems))
     rank, _ = _dist_info()
     results = {}
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if cfg.images:
+        n = predict_images(load_model(cfg).to(device), list_images(cfg.images), cfg.save_pred, device,
+                           cfg.short_side, cfg.progress)
+        print(f"wrote {n} x (<stem>.png, <stem>_color.png, <stem>_overlay.png) to {Path(cfg.save_pred).absolute()}")
+        return {"images": n, "save_pred": cfg.save_pred}
     if cfg.pred_dir:
         name = cfg.datasets[0]
         results[name] = evaluate_predictions(cfg.pred_dir, name, cfg.data_root, cfg.split or None, cfg.short_side,
                                              cfg.progress)
     else:
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
         model = load_model(cfg).to(device)
         # official code: Cityscapes was scored by cityscapesScripts on labelIds at full resolution; its short side is
         # already 1024, and the 19 train ids map one-to-one to the evaluated label ids, so the confusion is the same.
@@ -332,6 +451,19 @@ def main(argv=None) -> dict:
         if cfg.out:
             write_json(to_json(results), cfg.out)
     return results
+
+
+def main(argv=None) -> dict:
+    """Evaluate a model (or score saved predictions, or predict --images); print the table; return {dataset: metrics}
+    ({"images": n, "save_pred": dir} for --images). Bad inputs: one message, exit code 2 (traceback with --debug)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _run(argv)
+    except (ValueError, OSError, ImportError, RuntimeError) as err:
+        if "--debug" in argv:
+            raise
+        print(f"evaluate.py: error: {err}\n(add --debug for the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

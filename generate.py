@@ -18,13 +18,19 @@ Sharding: with S = num_parts * WORLD_SIZE shards, shard r = part * WORLD_SIZE + 
 j in [0, num_images) with j % S == r (interleaved, so every shard cycles through all prompts). Each shard appends to
 DIR/manifest.part{r}.jsonl; at the end of every run, manifest.jsonl is rebuilt from all parts (one line per existing
 image, sorted by index). `--merge-only` rebuilds it without generating.
+
+Honest folders: config.json records the settings the images depend on (prompt-file content hash, backend, model,
+size, steps, guidance, precision, base seed); a rerun with other settings is refused unless `--overwrite`, which
+deletes the old images and manifests first. However a run ends, manifest.jsonl lists exactly images/*.png.
 """
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import re
 import string
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,34 +68,74 @@ class GenerateConfig:
     llm_num: int = 100                               # official: 100 prompts
     merge_only: bool = False                         # only rebuild manifest.jsonl from the part files
     progress: bool = True                            # tqdm bar
+    overwrite: bool = False                          # replace a folder made with other settings (else refused)
+    debug: bool = False                              # errors with their traceback
 
     def __post_init__(self):
+        problems = []
         if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.num_images < 0 or self.batch_size < 1 or self.llm_num < 1:
-            raise ValueError(f"expected num_images >= 0, batch_size >= 1, llm_num >= 1; got {self.num_images}, "
-                             f"{self.batch_size}, {self.llm_num}")
-        if not 0 <= self.part < self.num_parts:
-            raise ValueError(f"expected 0 <= part < num_parts, got part={self.part}, num_parts={self.num_parts}")
+            problems.append(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
+        for flag, value, low in (("--num-images", self.num_images, 0), ("--batch-size", self.batch_size, 1),
+                                 ("--llm-num", self.llm_num, 1), ("--steps", self.steps, 1),
+                                 ("--num-parts", self.num_parts, 1)):
+            if value < low:
+                problems.append(f"{flag} must be >= {low}, got {value}")
+        if not 0 <= self.part < max(self.num_parts, 1):
+            problems.append(f"--part must be in [0, --num-parts), got --part {self.part} --num-parts {self.num_parts}")
         default = 768 if self.backend == "diffusers" else 192  # §6.2: 768x768; ToyCity renders small images
         self.height = self.height or default
         self.width = self.width or default
         if self.backend == "diffusers" and (self.height % 8 or self.width % 8):
-            raise ValueError(f"Stable Diffusion needs height and width divisible by 8, got {self.height}x{self.width}")
+            problems.append(f"Stable Diffusion needs --height and --width divisible by 8, got "
+                            f"{self.height}x{self.width}")
+        if problems:
+            raise ValueError(_problems(problems))
+
+
+HELP = {  # GenerateConfig fields -> --help text
+    "out": "output folder: images/im_{j}_p{k}.png, manifest.jsonl, config.json (required)",
+    "prompts": "prompt file, one per line (# comments); image j uses prompt j mod number of prompts",
+    "num_images": "images in the whole folder, over all shards (official 5000: 50 per prompt)",
+    "backend": "diffusers = Stable Diffusion (official); toy = offline ToyCity renderer (no weights)",
+    "model": "diffusers model: a hub id or a local folder (official stable-diffusion-2, 768-v)",
+    "steps": "denoising steps (official num_inference_steps)", "guidance": "classifier-free guidance scale (official)",
+    "height": "image height; None = 768 (diffusers, official) or 192 (toy)",
+    "width": "image width; None = 768 (diffusers, official) or 192 (toy)",
+    "batch_size": "images per pipeline call (the images do not depend on it)",
+    "base_seed": "image j is sampled with seed base_seed + j (official: unseeded)",
+    "part": "this job's part, combined with torchrun's RANK (official --part)",
+    "num_parts": "independent jobs sharing the index range",
+    "device": "torch device; None = cuda:LOCAL_RANK if available, else cpu",
+    "fp16": "half precision; None = fp16 on cuda, fp32 on cpu",
+    "llm": "local causal LM (folder or hub id) that first writes OUT/prompts.txt (replaces --prompts)",
+    "llm_num": "prompts the LLM writes (official 100)",
+    "merge_only": "only rebuild manifest.jsonl from the part files",
+    "progress": "progress bar",
+    "overwrite": "delete the images and manifests of an --out folder made with other settings and start over "
+                 "(otherwise refused); with shards, run it once first (e.g. --num-images 0)",
+    "debug": "show the Python traceback of an error",
+}
+
+
+def _problems(problems: list) -> str:
+    """One message listing every problem."""
+    return f"{len(problems)} problem(s):\n  - " + "\n  - ".join(problems)
 
 
 def parse_args(argv=None) -> GenerateConfig:
     """argparse generated from the GenerateConfig fields (`num_images` -> `--num-images`)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = get_type_hints(GenerateConfig)
     for f in dataclasses.fields(GenerateConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         if kind is bool or kind == Optional[bool]:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=HELP[f.name])
         else:
             base = {Optional[int]: int, Optional[str]: str}.get(kind, kind)
-            parser.add_argument(flag, type=base, default=f.default, required=f.name == "out")
+            parser.add_argument(flag, type=base, default=f.default, required=f.name == "out", help=HELP[f.name],
+                                choices=BACKENDS if f.name == "backend" else None)
     return GenerateConfig(**vars(parser.parse_args(argv)))
 
 
@@ -314,37 +360,112 @@ def shard() -> tuple:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+# ---- folder settings ----
+
+def settings(cfg: GenerateConfig, prompts: list) -> dict:
+    """What the images of a folder depend on: a rerun into the folder must match (config.json "settings")."""
+    s = {"backend": cfg.backend, "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+         "num_prompts": len(prompts), "height": cfg.height, "width": cfg.width, "base_seed": cfg.base_seed}
+    if cfg.backend == "diffusers":  # the toy renderer ignores these
+        fp16 = cfg.fp16 if cfg.fp16 is not None else _device(cfg).type == "cuda"
+        s.update(model=cfg.model, steps=cfg.steps, guidance=cfg.guidance, precision="fp16" if fp16 else "fp32")
+    return s
+
+
+def _outputs(out: Path) -> list:
+    """The files generate.py writes in a folder (what --overwrite deletes; an LLM's prompts.txt is kept)."""
+    files = [out / "config.json", out / "manifest.jsonl", *out.glob("manifest.part*.jsonl"),
+             *(out / "images").glob("*.png")]
+    return [p for p in files if p.is_file()]
+
+
+def folder_problems(out: Path, wanted: dict, overwrite: bool) -> list:
+    """A folder holding images must have been made with the same settings (or --overwrite)."""
+    if overwrite:
+        return []
+    config = out / "config.json"
+    if config.is_file():
+        try:
+            saved = json.loads(config.read_text(encoding="utf-8")).get("settings", {})
+        except (OSError, json.JSONDecodeError, AttributeError):
+            saved = {}
+        changed = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in wanted.items() if saved.get(k) != v]
+        if changed:
+            return [f"--out {out} was made with other settings: {', '.join(changed)}. Rerun with those settings "
+                    f"to resume, pass another --out, or add --overwrite to delete its {len(_outputs(out))} files "
+                    f"and start over"]
+    elif any((out / "images").glob("*.png")):
+        return [f"--out {out} holds images/*.png but no config.json (not made by generate.py, or by an older "
+                f"version); pass another --out, or add --overwrite to delete them"]
+    return []
+
+
+def preflight(cfg: GenerateConfig):
+    """Every problem with the inputs, each naming its flag -> (prompts or None, problems)."""
+    problems, prompts, out = [], None, Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        problems.append(f"--out {out} is a file; pass a folder")
+    if cfg.merge_only:
+        return None, problems
+    if cfg.llm and (out / "prompts.txt").is_file():  # resume: keep the prompts the LLM wrote the first time
+        source, flag = out / "prompts.txt", "--llm (OUT/prompts.txt)"
+    elif cfg.llm:
+        source = None
+    else:
+        source, flag = cfg.prompts, "--prompts"
+    if source is not None:
+        try:
+            prompts = read_prompts(source)
+        except ValueError as err:
+            problems.append(f"{flag}: {err}")
+    if cfg.backend == "diffusers":
+        import importlib.util
+        missing = [m for m in ("diffusers", "transformers") if importlib.util.find_spec(m) is None]
+        if missing:
+            problems.append(f"--backend diffusers needs `pip install {' '.join(missing)}` (or use --backend toy)")
+    if out.is_dir() and not problems:
+        wanted = settings(cfg, prompts if prompts is not None else [])
+        if prompts is None:  # new LLM prompts: any earlier images came from other prompts
+            wanted["prompts_sha256"] = "(new LLM prompts)"
+        problems += folder_problems(out, wanted, cfg.overwrite)
+    return prompts, problems
+
+
 # ---- generation loop ----
 
 def generate(cfg: GenerateConfig, pipe=None) -> dict:
     """Render this shard's missing images, append their manifest lines, then merge the manifest.
 
     `pipe` (optional) is a ready StableDiffusionPipeline for the diffusers backend; by default it is loaded from
-    cfg.model when the first missing image needs it.
+    cfg.model when the first missing image needs it. A folder made with other settings is refused (ValueError)
+    unless cfg.overwrite, which deletes its images and manifests first. However the run ends (done, error,
+    Ctrl-C), manifest.jsonl lists exactly the images/*.png files (what data.build_dataset("generated", out) loads).
     """
     from tqdm import tqdm
 
     if not cfg.out:
         raise ValueError("expected an output folder: --out DIR")
+    prompts, problems = preflight(cfg)
+    if problems:
+        raise ValueError(_problems(problems))
     out = Path(cfg.out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     if cfg.merge_only:
         return {"written": 0, "skipped": 0, "manifest": merge_manifest(out), "out": str(out)}
-    if cfg.llm and (out / "prompts.txt").is_file():  # resume: keep the prompts the LLM wrote the first time
-        prompts = read_prompts(out / "prompts.txt")
-    elif cfg.llm:  # with several shards, run this once first (e.g. --num-images 0), then shard
+    if cfg.overwrite and folder_problems(out, settings(cfg, prompts or []), False):
+        for path in _outputs(out):  # other settings: start over
+            path.unlink()
+    if prompts is None:  # with several shards, run this once first (e.g. --num-images 0), then shard
         prompts = write_llm_prompts(cfg.llm, cfg.llm_num, out, device=str(_device(cfg)))
-    else:
-        prompts = read_prompts(cfg.prompts)
     rank, world = shard()
     shards, me = cfg.num_parts * world, cfg.part * world + rank
-    _write_text(out / "config.json", json.dumps({**dataclasses.asdict(cfg), "num_prompts": len(prompts),
-                                                  "num_shards": shards}, indent=2) + "\n")
+    run = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("overwrite", "debug")}
+    _write_text(out / "config.json", json.dumps({**run, "num_prompts": len(prompts), "num_shards": shards,
+                                                  "settings": settings(cfg, prompts)}, indent=2) + "\n")
 
     mine = [j for j in range(cfg.num_images) if j % shards == me]  # interleaved sharding (module docstring)
     todo = [j for j in mine if not (out / "images" / image_name(j, len(prompts))).is_file()]
     part_file = out / f"manifest.part{me}.jsonl"
-    recorded = set(_manifest_records(out))
     if todo and cfg.backend == "diffusers":
         pipe = pipe if pipe is not None else load_pipeline(cfg)
         pipe.set_progress_bar_config(disable=True)  # our bar counts images, not denoising steps
@@ -356,28 +477,45 @@ def generate(cfg: GenerateConfig, pipe=None) -> dict:
             f.seek(-1, os.SEEK_END)
             if f.read(1) != b"\n":
                 f.write(b"\n")
-    with open(part_file, "a", encoding="utf-8") as manifest:
-        # images written by an interrupted run before their manifest line: record them now
-        for j in sorted(set(mine) - set(todo) - recorded):
-            manifest.write(json.dumps(_record(cfg, j, prompts, scheduler)) + "\n")
-        bar = tqdm(total=len(todo), desc=f"generate shard {me}/{shards}", disable=not cfg.progress)
-        for start in range(0, len(todo), cfg.batch_size):
-            batch = todo[start:start + cfg.batch_size]
-            texts = [prompts[j % len(prompts)] for j in batch]  # §6.2: prompts cycled, prompt k = j mod n
-            images = render_batch(cfg, pipe, texts, [cfg.base_seed + j for j in batch])
-            for j, image in zip(batch, images):
-                _write_png(out / "images" / image_name(j, len(prompts)), image)
-                manifest.write(json.dumps(_record(cfg, j, prompts, scheduler)) + "\n")  # after the image exists
-                manifest.flush()
-            bar.update(len(batch))
-        bar.close()
-    n_lines = merge_manifest(out)
+    try:
+        with open(part_file, "a", encoding="utf-8") as manifest:
+            bar = tqdm(total=len(todo), desc=f"generate shard {me}/{shards}", disable=not cfg.progress)
+            for start in range(0, len(todo), cfg.batch_size):
+                batch = todo[start:start + cfg.batch_size]
+                texts = [prompts[j % len(prompts)] for j in batch]  # §6.2: prompts cycled, prompt k = j mod n
+                images = render_batch(cfg, pipe, texts, [cfg.base_seed + j for j in batch])
+                for j, image in zip(batch, images):
+                    _write_png(out / "images" / image_name(j, len(prompts)), image)
+                    manifest.write(json.dumps(_record(cfg, j, prompts, scheduler)) + "\n")  # after the image exists
+                    manifest.flush()
+                bar.update(len(batch))
+            bar.close()
+    finally:  # also on an error or Ctrl-C: the manifest and the files agree
+        _record_unlisted(cfg, out, mine, prompts, scheduler, part_file)
+        n_lines = merge_manifest(out)
     return {"written": len(todo), "skipped": len(mine) - len(todo), "manifest": n_lines, "shard": me,
             "num_shards": shards, "out": str(out)}
 
 
+def _record_unlisted(cfg, out: Path, mine: list, prompts: list, scheduler: str, part_file: Path):
+    """Manifest lines for this shard's images that exist without one (killed between the image and its line)."""
+    recorded = set(_manifest_records(out))
+    unlisted = [j for j in mine if j not in recorded and (out / "images" / image_name(j, len(prompts))).is_file()]
+    if unlisted:
+        with open(part_file, "a", encoding="utf-8") as manifest:
+            manifest.writelines(json.dumps(_record(cfg, j, prompts, scheduler)) + "\n" for j in unlisted)
+
+
 def main(argv=None) -> dict:
-    summary = generate(parse_args(argv))
+    """CLI entry: one message and exit code 2 for bad inputs; the traceback only with --debug."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        summary = generate(parse_args(argv))
+    except (ValueError, OSError, ImportError, RuntimeError) as err:
+        if "--debug" in argv:
+            raise
+        print(f"generate.py: error: {err}\n(add --debug for the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
     print(json.dumps(summary))
     return summary
 

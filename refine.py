@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import tempfile
 import zlib
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ PALETTE = np.array([[128, 64, 128], [244, 35, 232], [70, 70, 70], [102, 102, 156
                     [250, 170, 30], [220, 220, 0], [107, 142, 35], [152, 251, 152], [70, 130, 180], [220, 20, 60],
                     [255, 0, 0], [0, 0, 142], [0, 0, 70], [0, 60, 100], [0, 80, 100], [0, 0, 230], [119, 11, 32]],
                    dtype=np.uint8)
+CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
+           "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")
+PANEL_TITLE_ROWS = 16  # rows of the title band above the images of a `panel` (and of each legend row below)
 SAM_CHECKPOINTS = {  # official SAM / MobileSAM release files (reference §5.1 uses vit_t and vit_h from ./weights/)
     "vit_h": "sam_vit_h_4b8939.pth from https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
     "vit_l": "sam_vit_l_0b3195.pth from https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
@@ -65,7 +69,8 @@ def predictor_problems(name: str, checkpoint=None, flag: str = "--checkpoint") -
     path = Path(checkpoint or DEFAULT_CHECKPOINTS[name])
     if not path.is_file():
         source = SAM_CHECKPOINTS[name].split(" from ")[-1]
-        problems.append(f"SAM {name} checkpoint {path} not found: download {source} to {DEFAULT_CHECKPOINTS[name]}, "
+        problems.append(f"SAM {name} checkpoint {path} does not exist: download {source} to "
+                        f"{DEFAULT_CHECKPOINTS[name]}, "
                         f"or pass {flag} /path/to/{Path(DEFAULT_CHECKPOINTS[name]).name}")
     return problems
 
@@ -279,27 +284,22 @@ class ToyPointPredictor:
 
 
 def build_predictor(name: str, checkpoint=None, device: str = "cpu", chunk_size: int = 64):
-    """Registry: "vit_t" (MobileSAM, official default), "vit_h" / "vit_l" / "vit_b" (segment_anything), "toy"."""
+    """Registry: "vit_t" (MobileSAM's TinyViT SAM, official default), "vit_h" / "vit_l" / "vit_b" (segment_anything),
+    "toy". `checkpoint` defaults to DEFAULT_CHECKPOINTS[name]; a missing package raises ImportError, a missing file
+    FileNotFoundError, both with the messages of `predictor_problems`."""
     if name == "toy":
         return ToyPointPredictor()
     if name not in PREDICTORS:
         raise ValueError(f"unknown predictor {name!r}; expected one of {PREDICTORS}")
-    if name == "vit_t":
-        try:
-            from mobile_sam import SamPredictor, sam_model_registry
-        except ImportError as err:
-            raise ImportError("--sam vit_t (MobileSAM, the official default) needs the mobile_sam package: "
-                              "`pip install git+https://github.com/ChaoningZhang/MobileSAM` (not on PyPI); "
-                              "or use --sam vit_h|vit_l|vit_b with segment-anything") from err
+    checkpoint = Path(checkpoint or DEFAULT_CHECKPOINTS[name])
+    problems = predictor_problems(name, checkpoint)
+    if problems:
+        kind = ImportError if any("pip install" in p for p in problems) else FileNotFoundError
+        raise kind("; ".join(problems))
+    if name == "vit_t":  # MobileSAM (PyPI mobilesam-mirror): segment_anything's API around a TinyViT image encoder
+        from mobile_sam import SamPredictor, sam_model_registry
     else:
-        try:
-            from segment_anything import SamPredictor, sam_model_registry
-        except ImportError as err:
-            raise ImportError(f"--sam {name} needs `pip install segment-anything`") from err
-    if checkpoint is None or not Path(checkpoint).is_file():
-        found = "no --checkpoint given" if checkpoint is None else f"{checkpoint} does not exist"
-        raise FileNotFoundError(f"SAM {name} needs its checkpoint ({found}). Download {SAM_CHECKPOINTS[name]} and "
-                                f"pass --checkpoint /path/to/{SAM_CHECKPOINTS[name].split()[0]}")
+        from segment_anything import SamPredictor, sam_model_registry
     model = sam_model_registry[name](checkpoint=None)
     model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
     return SamPointPredictor(model.to(device).eval(), SamPredictor, chunk_size=chunk_size)
@@ -423,49 +423,215 @@ def _save_png(path: Path, array: np.ndarray):
     _atomic(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
 
 
-def _find_label(labels_dir: Path, stem: str) -> Path:
+HELP = {  # RefineConfig fields -> --help text (the official names are in RefineConfig's comments)
+    "min_area": "prompt components with more than this many pixels (official SAM.SIZE_THRESHOLD; scale it with the "
+                "image area, e.g. ~300 for 192x192 ToyCity images)",
+    "num_points": "positive points per prompted component (official SAM.NUM_POINTS)",
+    "mode": "where the points are drawn: anywhere in the component (official) or far from its border",
+    "erosion": "draw the points from the eroded component (official SAM.EROSION)",
+    "erosion_size": "square erosion size in pixels (official SAM.EROSION_SIZE)",
+    "rm_intersection": "drop pixels claimed by two or more masks (official SAM.RM_INTERSECTION)",
+    "connectivity": "pixel connectivity of the per-class components (official: 4, scipy.ndimage.label)",
+    "uncovered": "pixels in no mask: 'drop' = negatives for every mask in training (official), 'ignore' = left out; "
+                 "in the written PNGs they are 255 either way",
+}
+CHOICES = {"mode": ("random", "interior"), "uncovered": ("drop", "ignore"), "connectivity": (4, 8)}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+VALID_IDS = np.zeros(256, bool)
+VALID_IDS[:len(PALETTE)] = VALID_IDS[IGNORE_INDEX] = True  # train ids {0..18} and ignore
+
+
+def _find_label(labels_dir: Path, stem: str):
+    """The teacher label of image <stem>: <stem>.png or <stem>_labelTrainIds.png in labels_dir, or None."""
     for name in (f"{stem}.png", f"{stem}_labelTrainIds.png"):
         if (labels_dir / name).is_file():
             return labels_dir / name
-    raise FileNotFoundError(f"no label for image {stem!r}: expected {labels_dir / (stem + '.png')} or "
-                            f"{labels_dir / (stem + '_labelTrainIds.png')} (teacher train-id PNG, 255 = ignore)")
+    return None
+
+
+def _read_label(path: Path, image_shape) -> np.ndarray:
+    """A teacher label PNG as int64 (H, W); ValueError unless it is a single-channel map of train ids {0..18, 255}
+    of the image's size."""
+    from PIL import Image
+    with Image.open(path) as im:
+        mode, label = im.mode, np.asarray(im)
+    if mode not in ("L", "P"):
+        raise ValueError(f"label {path} has PIL mode {mode}; expected a single-channel 8-bit train-id PNG")
+    bad = ~VALID_IDS[label]
+    if bad.any():
+        raise ValueError(f"label {path} holds values {np.unique(label[bad])[:10].tolist()} outside the train ids "
+                         f"{{0..18, 255}}: raw label ids? Convert a dataset first with `python data.py convert "
+                         f"DATASET ROOT` and pass its *_labelTrainIds.png folder as --labels")
+    if label.shape != tuple(image_shape):
+        raise ValueError(f"label {path} is {label.shape[0]}x{label.shape[1]} but its image is "
+                         f"{image_shape[0]}x{image_shape[1]} (HxW); they must be equal")
+    return label.astype(np.int64)
+
+
+def _font(size: int):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one bitmap size
+        return ImageFont.load_default()
+
+
+def panel(images, titles, label_maps, class_names=None) -> np.ndarray:
+    """Side-by-side RGB images with a title above each and a class-colour legend below.
+
+    Args:
+        images: list of uint8 (H, W, 3) arrays of one height. titles: one string per image.
+        label_maps: the train-id maps (H, W) whose classes the legend lists (ascending).
+        class_names: 19 names (default CLASSES).
+    Returns:
+        uint8 (T + H + L, sum of widths, 3): a title band of T rows, the images (rows T..T+H), a legend of L rows;
+        the legend ends with black = "dropped / ignored (255)".
+    """
+    from PIL import Image, ImageDraw
+    names = class_names or CLASSES
+    strip = np.concatenate(images, axis=1)
+    h, width = strip.shape[:2]
+    font, line = _font(12), PANEL_TITLE_ROWS
+    classes = sorted(set(np.unique(np.concatenate([m.reshape(-1) for m in label_maps])).tolist()) - {IGNORE_INDEX})
+    entries = [(tuple(PALETTE[c].tolist()), names[c]) for c in classes if c < len(PALETTE)]
+    entries.append(((0, 0, 0), "dropped / ignored (255)"))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    rows, x = [[]], 0
+    for colour, text in entries:  # wrap the legend into rows of the panel's width
+        w = 14 + int(probe.textlength(text, font=font)) + 10
+        if rows[-1] and x + w > width:
+            rows.append([])
+            x = 0
+        rows[-1].append((x, colour, text))
+        x += w
+    canvas = Image.new("RGB", (width, line + h + line * len(rows) + 4), (255, 255, 255))
+    canvas.paste(Image.fromarray(strip), (0, line))
+    draw = ImageDraw.Draw(canvas)
+    x0 = 0
+    for image, title in zip(images, titles):
+        w = image.shape[1]
+        draw.text((x0 + (w - probe.textlength(title, font=font)) / 2, 1), title, fill=(0, 0, 0), font=font)
+        x0 += w
+    for r, row in enumerate(rows):
+        y = line + h + 2 + r * line
+        for x, colour, text in row:
+            draw.rectangle([x + 1, y + 2, x + 11, y + 12], fill=colour, outline=(128, 128, 128))
+            draw.text((x + 14, y), text, fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", required=True, help="folder of RGB images (png/jpg)")
-    parser.add_argument("--labels", required=True, help="folder of teacher train-id PNGs (<stem>.png or "
-                                                        "<stem>_labelTrainIds.png)")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--sam", default="vit_t", choices=PREDICTORS, help="official: vit_t (MobileSAM)")
-    parser.add_argument("--checkpoint", default=None, help="SAM / MobileSAM weights file")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--images", required=True, help="folder of RGB images (png/jpg), e.g. generate.py's "
+                                                        "DIR/images")
+    parser.add_argument("--labels", required=True, help="folder of teacher train-id PNGs, <stem>.png or "
+                                                        "<stem>_labelTrainIds.png (values 0..18, 255 = ignore)")
+    parser.add_argument("--out", required=True, help="output folder: <stem>.png refined train ids, <stem>_vis.png "
+                                                     "panels, refine_config.json")
+    parser.add_argument("--sam", default="vit_t", choices=PREDICTORS,
+                        help="point predictor: vit_t = MobileSAM (official), vit_h/vit_l/vit_b = SAM, toy = offline "
+                             "ToyCity stand-in (no weights)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="SAM / MobileSAM weights file; None = the official path of --sam: "
+                        + ", ".join(f"{k}: {v}" for k, v in DEFAULT_CHECKPOINTS.items()))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--seed", type=int, default=0, help="points of image <stem> use seed ^ crc32(stem)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an --out folder made with "
+                        "other settings (otherwise refused); without it a rerun with the same settings resumes")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     for f in dataclasses.fields(RefineConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=HELP[f.name])
         else:
-            parser.add_argument(flag, type=type(f.default), default=f.default)
+            parser.add_argument(flag, type=type(f.default), default=f.default, choices=CHOICES.get(f.name),
+                                help=HELP[f.name])
     args = parser.parse_args(argv)
     cfg = RefineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RefineConfig)})
     return args, cfg
 
 
-def main(argv=None) -> dict:
+def run_config(args, cfg: RefineConfig) -> dict:
+    """What the outputs of a folder depend on (written to refine_config.json; a rerun must match it)."""
+    checkpoint = None if args.sam == "toy" else str(Path(args.checkpoint or DEFAULT_CHECKPOINTS[args.sam]).absolute())
+    return {**dataclasses.asdict(cfg), "sam": args.sam, "checkpoint": checkpoint, "seed": args.seed}
+
+
+def _outputs(out: Path) -> list:
+    """The files of a refine.py output folder (what --overwrite removes)."""
+    names = [out / "refine_config.json", *out.glob("*.png")]
+    return [p for p in names if p.is_file()]
+
+
+def preflight(args, cfg: RefineConfig):
+    """Every problem with the inputs, each naming the flag that fixes it -> (pairs [(image, label)], problems)."""
+    images_dir, labels_dir, out = Path(args.images), Path(args.labels), Path(args.out)
+    problems, pairs = [], []
+    images = []
+    if not images_dir.is_dir():
+        problems.append(f"--images {images_dir} is not a folder; pass the folder of RGB images")
+    else:
+        images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            problems.append(f"--images {images_dir} holds no .png/.jpg image")
+    if not labels_dir.is_dir():
+        problems.append(f"--labels {labels_dir} is not a folder; pass the folder of teacher train-id PNGs")
+    elif images:
+        pairs = [(p, _find_label(labels_dir, p.stem)) for p in images]
+        missing = [p.stem for p, label in pairs if label is None]
+        if missing:
+            problems.append(f"--labels {labels_dir} has no label for {len(missing)} of {len(pairs)} images, e.g. "
+                            f"{labels_dir / (missing[0] + '.png')} or "
+                            f"{labels_dir / (missing[0] + '_labelTrainIds.png')} (teacher train-id PNG)")
+    if args.sam != "toy":
+        problems += predictor_problems(args.sam, args.checkpoint, flag="--checkpoint")
+    if out.resolve() in (images_dir.resolve(), labels_dir.resolve()):
+        problems.append(f"--out {out} is the --images or --labels folder; pass a folder of its own")
+    elif out.exists() and not out.is_dir():
+        problems.append(f"--out {out} is a file; pass a folder")
+    elif out.is_dir():
+        problems += _folder_problems(out, run_config(args, cfg), args.overwrite)
+    return pairs, problems
+
+
+def _folder_problems(out: Path, config: dict, overwrite: bool) -> list:
+    """A non-empty --out must be a refine.py folder made with the same settings (or --overwrite, for our folders)."""
+    saved_path = out / "refine_config.json"
+    if not saved_path.is_file():
+        if any(out.iterdir()):
+            return [f"--out {out} is not empty and holds no refine_config.json (not a refine.py folder); pass a new "
+                    f"or empty --out folder"]
+        return []
+    try:
+        saved = json.loads(saved_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        saved = {}
+    changed = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in config.items() if saved.get(k) != v]
+    if changed and not overwrite:
+        return [f"--out {out} was made with other settings: {', '.join(changed)}. Rerun with those settings to "
+                f"resume, pass another --out, or add --overwrite to delete its {len(_outputs(out))} files and start "
+                f"over"]
+    return []
+
+
+def _run(argv):
     from PIL import Image
     from tqdm import tqdm
 
     args, cfg = parse_args(argv)
-    images_dir, labels_dir, out = Path(args.images), Path(args.labels), Path(args.out)
-    images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-    if not images:
-        raise ValueError(f"no .png/.jpg image in {images_dir}")
-    pairs = [(p, _find_label(labels_dir, p.stem)) for p in images]  # fail before any work on a missing label
+    pairs, problems = preflight(args, cfg)
+    if problems:
+        raise ValueError(f"{len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    config = {**dataclasses.asdict(cfg), "sam": args.sam, "checkpoint": args.checkpoint, "seed": args.seed}
-    _atomic(out / "refine_config.json", lambda f: f.write(json.dumps(config, indent=2).encode("utf-8")))
+    config = run_config(args, cfg)
+    saved = out / "refine_config.json"
+    if saved.is_file() and json.loads(saved.read_text(encoding="utf-8")) != config:  # --overwrite (preflight)
+        for path in _outputs(out):
+            path.unlink()
+    _atomic(saved, lambda f: f.write(json.dumps(config, indent=2).encode("utf-8")))  # before any output
     predictor = None
     summary = {"refined": 0, "skipped": 0, "fallback": 0, "coverage": [], "out": str(out)}
     for image_path, label_path in tqdm(pairs, desc="refine", disable=args.no_progress):
@@ -473,23 +639,34 @@ def main(argv=None) -> dict:
         if (out / f"{stem}.png").is_file() and (out / f"{stem}_vis.png").is_file():
             summary["skipped"] += 1  # resume
             continue
-        predictor = predictor or build_predictor(args.sam, args.checkpoint, args.device)
         image = np.asarray(Image.open(image_path).convert("RGB"))
-        label = np.asarray(Image.open(label_path)).astype(np.int64)
-        if label.shape != image.shape[:2]:
-            raise ValueError(f"{label_path} is {label.shape}, its image {image_path} is {image.shape[:2]}")
+        label = _read_label(label_path, image.shape[:2])       # train ids or a message naming data.py convert
+        predictor = predictor or build_predictor(args.sam, args.checkpoint, args.device)
         gen = torch.Generator().manual_seed(args.seed ^ zlib.crc32(stem.encode()))
         classes, masks, was_refined = _refine(image, label, predictor, cfg, gen)
         refined = label_map(classes, masks).numpy().astype(np.uint8)
         summary["fallback"] += int(not was_refined)
         summary["coverage"].append(float((refined != IGNORE_INDEX).mean()))
-        _save_png(out / f"{stem}_vis.png", np.concatenate([image, colorize(label), colorize(refined)], axis=1))
+        vis = panel([image, colorize(label), colorize(refined)], ["image", "teacher", "refined"], [label, refined])
+        _save_png(out / f"{stem}_vis.png", vis)
         _save_png(out / f"{stem}.png", refined)  # written last: its presence marks the image as done
         summary["refined"] += 1
     cov = summary.pop("coverage")
     summary["mean_coverage"] = float(np.mean(cov)) if cov else None
     print(json.dumps(summary))
     return summary
+
+
+def main(argv=None) -> dict:
+    """CLI entry: one message and exit code 2 for bad inputs; the traceback only with --debug."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _run(argv)
+    except (ValueError, OSError, ImportError, RuntimeError) as err:
+        if "--debug" in argv:
+            raise
+        print(f"refine.py: error: {err}\n(add --debug for the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

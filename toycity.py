@@ -18,6 +18,7 @@ import argparse
 import io
 import os
 import re
+import sys
 import zlib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -1134,15 +1135,41 @@ def build(out, seed: int = 0, num_images: int = None, workers: int = None, progr
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """`python toycity.py --out DIR`: write every domain; returns {domain: images}. Bad inputs: one message on stderr
+    and exit code 2 (the traceback with --debug)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    helps = {"out": "datasets root to write (gta5/, synthia/, cityscapes/, bdd10k/, mapillary_vistas/, acdc/)",
+             "seed": "base seed; each image's seed derives from (seed, domain, split, index)",
+             "num_images": "images per split; None = the defaults (" + ", ".join(
+                 f"{d} {'/'.join(str(n) for _, n in s)}" for d, s in SPLITS.items()) + ")",
+             "workers": "processes; None = all CPUs", "progress": "turn the progress bar off (progress=%(default)s)"}
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(BuildConfig):
         if f.type is bool or f.type == "bool":
-            parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false")
+            parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+                                help=helps[f.name])
         else:
             kind = {"seed": int, "num_images": int, "workers": int}.get(f.name, str)
-            parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
-    cfg = BuildConfig(**vars(parser.parse_args(argv)))
-    counts = build(cfg.out, cfg.seed, cfg.num_images, cfg.workers, cfg.progress)
+            parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, help=helps[f.name])
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    try:
+        args = vars(parser.parse_args(argv))
+        del args["debug"]
+        cfg = BuildConfig(**args)
+        limits = (("num-images", cfg.num_images, 0), ("workers", cfg.workers, 1))
+        problems = [f"--{flag} must be >= {low}, got {value}" for flag, value, low in limits
+                    if value is not None and value < low]
+        if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+            problems.append(f"--out {cfg.out} is a file; pass a folder")
+        if problems:
+            raise ValueError(f"{len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
+        counts = build(cfg.out, cfg.seed, cfg.num_images, cfg.workers, cfg.progress)
+    except (ValueError, OSError, RuntimeError) as err:
+        if "--debug" in argv:
+            raise
+        print(f"toycity.py: error: {err}\n(add --debug for the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
     print(", ".join(f"{d}: {n}" for d, n in counts.items()))
     return counts
 

@@ -508,3 +508,29 @@ def test_toycity_loads(request, name, split):
         assert values <= set(range(19)) | {255}, (name, values)
     out = data.TrainTransform(crop_size=64)(ds[0], np.random.default_rng(0))
     assert out["image"].shape == (3, 64, 64) and out["label"].shape == (64, 64)
+
+
+# ---- command line: one message, no traceback ----
+
+def test_cli_errors_one_message_and_exit_2(tmp_path, capsys):
+    def fail(argv):
+        with pytest.raises(SystemExit) as err:
+            data.main(argv)
+        msg = capsys.readouterr().err
+        assert err.value.code == 2 and "Traceback" not in msg, msg
+        return msg
+
+    msg = fail(["convert", "gta", str(tmp_path / "nope"), "--nproc", "0"])
+    assert "2 problem(s)" in msg and "--nproc must be >= 1, got 0" in msg and "python data.py convert gta" in msg
+    msg = fail(["info", "cityscapes", str(tmp_path)])
+    assert "cityscapes/gtFine/val/<city>/<stem>_gtFine_labelTrainIds.png" in msg
+    assert "python data.py convert cityscapes" in msg
+    assert "no conversion is needed" in fail(["convert", "bdd", str(tmp_path)])
+    msg = fail(["info", "gta", str(tmp_path), "--split", "test"])  # argparse lists the choices
+    assert "'train', 'val'" in msg
+    with pytest.raises(FileNotFoundError, match="dataset 'gta' not found"):  # --debug: the exception itself
+        data.main(["info", "gta", str(tmp_path), "--debug"])
+    with pytest.raises(SystemExit):
+        data.main(["convert", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "{gta,synthia,cityscapes,mapillary,bdd," in text and "None = all CPUs (default: None)" in text

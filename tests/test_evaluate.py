@@ -213,25 +213,28 @@ def test_pred_dir_test_size_and_errors(tmp_path):
     args = ["--pred-dir", str(tmp_path / "preds"), "--dataset", "bdd", "--data-root", str(tmp_path), "--no-progress"]
     assert evaluate.main(args + ["--short-side", "32"])["bdd"]["mIoU"] == 1.0
     with pytest.raises(ValueError, match=r"is 32x48; expected the GT size 16x24 or the test size 64x96"):
-        evaluate.main(args + ["--short-side", "64"])
+        evaluate.main(args + ["--short-side", "64", "--debug"])
     (tmp_path / "preds/b1.png").unlink()
     with pytest.raises(FileNotFoundError, match=r"1 of 2 predictions missing .*b1.png"):
-        evaluate.main(args)
+        evaluate.main(args + ["--debug"])
 
 
 def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="exactly one of --weights"):
-        evaluate.main(["--data-root", str(tmp_path)])
+        evaluate.main(["--data-root", str(tmp_path), "--debug"])
     with pytest.raises(ValueError, match="unknown test dataset"):
-        evaluate.main(["--weights", "x", "--datasets", "kitti"])
+        evaluate.main(["--weights", "x", "--datasets", "kitti", "--debug"])
     with pytest.raises(ValueError, match="scores one dataset"):
-        evaluate.main(["--pred-dir", "p", "--datasets", "bdd", "mapillary"])
+        evaluate.main(["--pred-dir", "p", "--datasets", "bdd", "mapillary", "--debug"])
 
 
 # ---- model path ----
 
 @pytest.fixture
-def fake_clouds(monkeypatch):
+def fake_clouds(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # the weights files the tests name exist (main checks them first)
+    for name in ("ck.pt", "model_final.pth"):
+        (tmp_path / name).write_bytes(b"")
     calls = []
     model = FakeModel()
 
@@ -328,3 +331,76 @@ def test_real_tiny_model_contract(tmp_path, monkeypatch):
     assert int(m["conf"].sum()) == valid and 0.0 <= m["mIoU"] <= 1.0
     pred = np.array(Image.open(tmp_path / "pred/GOPR0475_frame_000000_rgb_anon.png"))
     assert pred.shape == (40, 60) and pred.max() < 19
+
+
+# ---- command line: one message, --images ----
+
+def fail(argv, capsys):
+    """evaluate.main must refuse: exit code 2, one message on stderr, no traceback -> the message."""
+    with pytest.raises(SystemExit) as err:
+        evaluate.main(argv)
+    msg = capsys.readouterr().err
+    assert err.value.code == 2 and "Traceback" not in msg, msg
+    return msg
+
+
+def test_cli_lists_every_problem_with_its_flag(tmp_path, capsys):
+    msg = fail(["--datasets", "kitti", "--short-side", "0"], capsys)
+    assert "3 problem(s)" in msg and "--datasets" in msg and "kitti" in msg and "--weights" in msg
+    assert "--short-side must be >= 1, got 0" in msg
+    make_bdd(tmp_path, n=1)
+    msg = fail(["--weights", str(tmp_path / "none.pt"), "--datasets", "bdd", "mapillary", "--data-root",
+                str(tmp_path)], capsys)
+    assert "2 problem(s)" in msg and "--weights" in msg and "none.pt does not exist" in msg
+    assert "--datasets mapillary" in msg and "mapillary_vistas" in msg and "--datasets bdd" not in msg
+    msg = fail(["--weights", str(tmp_path / "none.pt"), "--images", str(tmp_path / "photos")], capsys)
+    assert "--save-pred" in msg
+    msg = fail(["--pred-dir", str(tmp_path / "nopred"), "--dataset", "bdd", "--data-root", str(tmp_path)], capsys)
+    assert "--pred-dir" in msg and "nopred" in msg
+
+
+def test_help_has_text_and_defaults(capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 1024)" in text and "acdc_snow" in text and "--images" in text and "--overwrite" in text
+    assert "--debug" in text and "(default: auto)" in text
+
+
+def test_images_inference_with_a_tiny_checkpoint(tmp_path, monkeypatch, capsys):
+    """--weights W --images DIR --save-pred OUT: per image a train-id PNG, a colour PNG and an overlay, at the
+    image's own size, against the model's own prediction; a rerun is refused unless --overwrite."""
+    clouds = pytest.importorskip("clouds", reason="clouds.py is another helper's file")
+    monkeypatch.setenv("CLOUDS_OPS_IMPL", "ref")
+    torch.manual_seed(0)
+    model = clouds.build_model("tiny")
+    clouds.save_checkpoint(tmp_path / "tiny.pt", model)
+    rng = np.random.default_rng(0)
+    sizes = {"a": (40, 60), "b": (50, 33)}  # landscape and portrait, not multiples of 32
+    for stem, (h, w) in sizes.items():
+        _write(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), tmp_path / f"photos/{stem}.png")
+    out = tmp_path / "pred"
+    args = ["--weights", str(tmp_path / "tiny.pt"), "--images", str(tmp_path / "photos"), "--save-pred", str(out),
+            "--short-side", "32", "--device", "cpu", "--no-progress"]
+    assert evaluate.main(args)["images"] == 2
+    model.eval()
+    for stem, (h, w) in sizes.items():
+        image = np.array(Image.open(tmp_path / f"photos/{stem}.png"))
+        pred = np.array(Image.open(out / f"{stem}.png"))
+        assert pred.shape == (h, w) and pred.max() < 19
+        colour = np.array(Image.open(out / f"{stem}_color.png"))
+        over = np.array(Image.open(out / f"{stem}_overlay.png"))
+        assert colour.shape == over.shape == (h, w, 3) and np.array_equal(colour, data.colorize(pred))
+        ref = (image.astype(np.float64) + colour) / 2  # independent: the 50/50 blend in float64
+        assert np.abs(over.astype(np.float64) - ref).max() <= 0.5 + 1e-9
+        size = data.shortest_edge_size(h, w, 32)  # reference: the model on the resized image, resized back
+        x = torch.from_numpy(data.resize_image(image, size)).permute(2, 0, 1)[None]
+        with torch.inference_mode():
+            expected = data.resize_label(model.predict(x)[0].numpy().astype(np.uint8), (h, w))
+        assert np.array_equal(pred, expected)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    msg = fail(args, capsys)
+    assert "--save-pred" in msg and "--overwrite" in msg and "6 prediction files" in msg
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing overwritten
+    assert evaluate.main(args + ["--overwrite"])["images"] == 2
+    assert not list(out.glob(".*"))  # no temp files left

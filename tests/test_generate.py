@@ -1,6 +1,7 @@
 """Tests of generate.py: prompts, LLM output parsing, a tiny random-init SD pipeline, resume and sharding (toy)."""
 import gzip
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,7 +130,7 @@ def test_tiny_stable_diffusion_end_to_end(tmp_path):
 def test_missing_model_offline_error(tmp_path):
     with pytest.raises(RuntimeError, match="--model /path/to/stable-diffusion-2") as err:
         generate.main(["--out", str(tmp_path), "--model", "nobody/no-such-diffusion-model", "--num-images", "1",
-                       "--no-progress"])
+                       "--no-progress", "--debug"])
     assert "huggingface-cli download nobody/no-such-diffusion-model" in str(err.value)
     assert err.value.__cause__ is not None
 
@@ -207,3 +208,83 @@ def test_toy_resume_and_sharding_give_identical_files(tmp_path, monkeypatch):
     (tmp_path / "parts" / "manifest.jsonl").unlink()
     assert generate.main(toy_args(tmp_path / "parts", n) + ["--merge-only"])["manifest"] == n
     check_manifest(tmp_path / "parts", n)
+
+
+# ---- CLI: one message, honest folders ----
+
+def fail(argv, capsys):
+    """generate.main must refuse: exit code 2, one message on stderr, no traceback -> the message."""
+    with pytest.raises(SystemExit) as err:
+        generate.main(argv)
+    msg = capsys.readouterr().err
+    assert err.value.code == 2 and "Traceback" not in msg, msg
+    return msg
+
+
+def all_bytes(out):
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_cli_lists_every_problem_with_its_flag(tmp_path, capsys):
+    msg = fail(toy_args(tmp_path / "a") + ["--batch-size", "0", "--part", "2", "--num-parts", "2"], capsys)
+    assert "2 problem(s)" in msg and "--batch-size must be >= 1, got 0" in msg and "--part" in msg
+    msg = fail(toy_args(tmp_path / "a") + ["--prompts", str(tmp_path / "none.txt")], capsys)
+    assert "--prompts" in msg and "none.txt does not exist" in msg
+    assert not (tmp_path / "a").exists()  # nothing created for a refused run
+    with pytest.raises(SystemExit) as err:  # argparse: usage error listing the choices
+        generate.main(toy_args(tmp_path / "a") + ["--backend", "sdxl"])
+    assert err.value.code == 2 and "'diffusers', 'toy'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--batch-size"):  # --debug: the exception itself
+        generate.main(toy_args(tmp_path / "a") + ["--batch-size", "0", "--debug"])
+
+
+def test_refuses_other_settings_and_overwrite_replaces(tmp_path, capsys):
+    out = tmp_path / "g"
+    generate.main(toy_args(out, 4))
+    before = all_bytes(out)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("A photo of a quiet street in the snow\nA photo of a bus at night\n")
+    for extra, what in [(["--base-seed", "4"], "base_seed=3 (now 4)"), (["--height", "48"], "height=40 (now 48)"),
+                        (["--prompts", str(prompts)], "prompts_sha256=")]:
+        msg = fail(toy_args(out, 4) + extra, capsys)
+        assert what in msg and "--overwrite" in msg and "--out" in msg
+        assert all_bytes(out) == before  # nothing overwritten or lost
+    s = generate.main(toy_args(out, 6))  # same settings, more images: resumes
+    assert s["written"] == 2 and s["skipped"] == 4
+    s = generate.main(toy_args(out, 3) + ["--prompts", str(prompts), "--overwrite"])
+    assert s["written"] == 3
+    names = sorted(p.name for p in (out / "images").iterdir())
+    assert names == ["im_0_p0.png", "im_1_p1.png", "im_2_p0.png"]  # the 6 old images are gone
+    assert sorted(r["file"] for r in read_manifest(out)) == [f"images/{n}" for n in names]
+    assert len(generate._read_jsonl(out / "manifest.part0.jsonl")) == 3  # old part lines are gone too
+    (tmp_path / "foreign" / "images").mkdir(parents=True)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "foreign" / "images" / "x.png")
+    assert "no config.json" in fail(toy_args(tmp_path / "foreign", 2), capsys)
+
+
+def test_interrupted_folder_manifest_lists_exactly_the_files(tmp_path, monkeypatch):
+    """However a run ends, what training loads (images/*.png) is what the manifest lists."""
+    import data
+    import toycity
+    out, render = tmp_path / "g", toycity.render
+    monkeypatch.setattr(generate, "_write_png", lambda path, image, real=generate._write_png: (
+        real(path, image), None if path.name != "im_2_p2.png" else (_ for _ in ()).throw(KeyboardInterrupt)))
+    with pytest.raises(KeyboardInterrupt):  # killed after writing image 2, before its manifest line
+        generate.main(toy_args(out, 5))
+    monkeypatch.undo()
+    listed = sorted(r["file"] for r in read_manifest(out))
+    loaded = sorted(f"images/{Path(p).name}" for p, _ in data.build_dataset("generated", out).items)
+    assert listed == loaded == ["images/im_0_p0.png", "images/im_1_p1.png", "images/im_2_p2.png"]
+    assert toycity.render is render
+    generate.main(toy_args(out, 5))
+    assert sorted(r["file"] for r in read_manifest(out)) == \
+        sorted(f"images/{Path(p).name}" for p, _ in data.build_dataset("generated", out).items) and \
+        len(read_manifest(out)) == 5
+
+
+def test_help_has_text_choices_and_defaults(capsys):
+    with pytest.raises(SystemExit):
+        generate.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "{diffusers,toy}" in text and "(default: 5000)" in text and "(default: 7.5)" in text
+    assert "--overwrite" in text and "--debug" in text

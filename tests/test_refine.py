@@ -1,4 +1,5 @@
 """Tests of refine.py: SAM predictor seam (tiny random-init Sam), merge logic (fake predictor), ToyCity gain, CLI."""
+import json
 import zlib
 from functools import partial
 
@@ -131,14 +132,44 @@ def test_build_predictor_loads_checkpoint_and_explains_missing(tmp_path, monkeyp
         refine.build_predictor("vit_x")
 
 
-@pytest.mark.skipif(__import__("importlib").util.find_spec("mobile_sam") is not None,
-                    reason="mobile_sam is installed, so the ImportError path cannot be reached")
-def test_mobile_sam_missing_names_pip_command():
-    with pytest.raises(ImportError, match="pip install git\\+https://github.com/ChaoningZhang/MobileSAM"):
+def test_mobile_sam_missing_names_the_pypi_package(monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mobile_sam" else real(name, *a))
+    with pytest.raises(ImportError, match="pip install mobilesam-mirror") as err:
         refine.build_predictor("vit_t", checkpoint="weights/mobile_sam.pt")
+    assert "git+https" not in str(err.value)
 
 
-# ---- merging logic with a fake predictor ----
+def test_mobile_sam_vit_t_matches_its_own_predictor(tmp_path):
+    """--sam vit_t builds the real TinyViT SAM (random init here) and loads the checkpoint; any image size works."""
+    from mobile_sam import SamPredictor, sam_model_registry
+    torch.manual_seed(0)
+    sam = sam_model_registry["vit_t"](checkpoint=None).eval()
+    ckpt = tmp_path / "mobile_sam.pt"
+    torch.save(sam.state_dict(), ckpt)
+    del sam
+    pred = refine.build_predictor("vit_t", checkpoint=ckpt, chunk_size=2)
+    model = pred.predictor.model
+    assert type(model.image_encoder).__name__ == "TinyViT"
+    saved = torch.load(ckpt, weights_only=True)
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())  # weights came from the file
+    ref = SamPredictor(model)  # mobile_sam's own single-prompt numpy path
+    rng = np.random.default_rng(0)
+    for h, w in [(100, 160), (192, 192)]:  # the encoder (1024x1024 input) runs once per size: ~5-15 s on 2 CPUs
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        points = torch.stack([torch.randint(0, w, (3, 5)), torch.randint(0, h, (3, 5))], -1)  # (3, 5, 2) xy
+        pred.set_image(image)
+        masks, scores = pred.predict_points(points)                                          # 2 chunks: 2 + 1
+        assert masks.shape == (3, 3, h, w) and scores.shape == (3, 3)
+        ref.features, ref.original_size, ref.input_size = pred.predictor.features, (h, w), pred.predictor.input_size
+        ref.is_image_set = True  # same embedding; the prompt path is what is compared
+        for i in range(3):
+            m, s, _ = ref.predict(point_coords=points[i].numpy().astype(np.float32), point_labels=np.ones(5),
+                                  multimask_output=True)
+            assert np.array_equal(masks[i].numpy(), m)
+            np.testing.assert_allclose(scores[i].numpy(), s, rtol=1e-4, atol=1e-5)
+
 
 def test_merge_intersection_and_class_assignment():
     label = blocks_label()
@@ -343,7 +374,7 @@ def test_toy_refinement_sharpens_a_weak_teacher():
     assert np.mean(covered) >= 0.55
 
 
-def test_cli_end_to_end(tmp_path):
+def test_cli_end_to_end(tmp_path, capsys):
     import toycity
     from PIL import Image
     (tmp_path / "images").mkdir()
@@ -367,10 +398,123 @@ def test_cli_end_to_end(tmp_path):
         assert out.dtype == np.uint8 and np.array_equal(out, refine.label_map(classes, masks).numpy())
         assert set(np.unique(out)) <= set(range(19)) | {255}
         vis = np.asarray(Image.open(tmp_path / "out" / f"{stem}_vis.png"))
-        assert vis.shape == (96, 3 * 128, 3) and np.array_equal(vis[:, :128], image)
-        assert np.array_equal(vis[:, 128:256][0, 0], refine.PALETTE[teacher[0, 0]])
+        t = refine.PANEL_TITLE_ROWS  # title band above, legend below
+        assert vis.shape[1:] == (3 * 128, 3) and vis.shape[0] > t + 96 and np.array_equal(vis[t:t + 96, :128], image)
+        assert np.array_equal(vis[t:t + 96, 128:256][0, 0], refine.PALETTE[teacher[0, 0]])
     again = refine.main(args)
     assert again["refined"] == 0 and again["skipped"] == 2  # resume
     (tmp_path / "labels" / "a.png").unlink()
-    with pytest.raises(FileNotFoundError, match="a_labelTrainIds.png"):
+    with pytest.raises(SystemExit) as err:
         refine.main(args[:5] + [str(tmp_path / "out2")] + args[6:])
+    assert err.value.code == 2 and "a_labelTrainIds.png" in capsys.readouterr().err
+
+
+# ---- CLI: one message, honest folders, panels ----
+
+def toy_folder(root, n=2, size=(96, 128)):
+    """images/ + labels/ (teacher = mode-filtered ToyCity GT) of n ToyCity scenes."""
+    import toycity
+    from PIL import Image
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for i in range(n):
+        image, gt = toycity.render_with_label(TOY_PROMPTS[i % len(TOY_PROMPTS)], i, size=size)
+        Image.fromarray(image).save(root / "images" / f"im{i}.png")
+        Image.fromarray(mode_filter(gt, 5).astype(np.uint8)).save(root / "labels" / f"im{i}.png")
+    return ["--images", str(root / "images"), "--labels", str(root / "labels"), "--out", str(root / "out"),
+            "--sam", "toy", "--min-area", "100", "--no-progress"]
+
+
+def fail(main, argv, capsys):
+    """Run a CLI main that must refuse: exit code 2, one message on stderr, no traceback -> the message."""
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    msg = capsys.readouterr().err
+    assert err.value.code == 2 and "Traceback" not in msg, msg
+    return msg
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_cli_lists_every_problem_with_its_flag(tmp_path, capsys):
+    msg = fail(refine.main, ["--images", str(tmp_path / "nope"), "--labels", str(tmp_path / "nolabels"), "--out",
+                             str(tmp_path / "o"), "--sam", "vit_h", "--checkpoint", str(tmp_path / "sam.pth")], capsys)
+    assert "--images" in msg and "nope" in msg and "--checkpoint" in msg and "sam.pth" in msg
+    assert "--labels" in msg and "nolabels" in msg and "dl.fbaipublicfiles.com" in msg and "3 problem(s)" in msg
+    args = toy_folder(tmp_path)
+    (tmp_path / "labels" / "im1.png").unlink()
+    msg = fail(refine.main, args[:2] + ["--labels", str(tmp_path / "labels"), "--out", str(tmp_path / "images")]
+               + args[6:], capsys)
+    assert "--labels" in msg and "im1_labelTrainIds.png" in msg and "--out" in msg and "2 problem(s)" in msg
+    msg = fail(refine.main, args[:6] + ["--sam", "vit_t", "--checkpoint", str(tmp_path / "m.pt")], capsys)
+    assert "--checkpoint" in msg and "m.pt" in msg and "git+https" not in msg
+    with pytest.raises(SystemExit) as err:  # argparse: usage error listing the choices
+        refine.main(args + ["--mode", "grid"])
+    msg = capsys.readouterr().err
+    assert err.value.code == 2 and "'random', 'interior'" in msg
+    with pytest.raises(ValueError, match="2 problem"):  # --debug: the exception itself
+        refine.main(["--images", str(tmp_path / "nope"), "--labels", str(tmp_path / "x"), "--out", str(tmp_path / "o"),
+                     "--sam", "toy", "--debug"])
+
+
+def test_cli_rejects_raw_label_ids(tmp_path, capsys):
+    from PIL import Image
+    args = toy_folder(tmp_path, n=1)
+    label = np.asarray(Image.open(tmp_path / "labels" / "im0.png")).copy()
+    label[:4, :4] = 33  # a Cityscapes label id (bicycle), not a train id
+    Image.fromarray(label).save(tmp_path / "labels" / "im0.png")
+    msg = fail(refine.main, args, capsys)
+    assert "[33]" in msg and "python data.py convert DATASET ROOT" in msg and "--labels" in msg
+    assert not list((tmp_path / "out").glob("*.png"))  # nothing written for the bad label
+
+
+def test_cli_refuses_other_settings_and_overwrite_replaces(tmp_path, capsys):
+    args = toy_folder(tmp_path)
+    out = tmp_path / "out"
+    assert refine.main(args)["refined"] == 2
+    before = snapshot(out)
+    for extra, what in [(["--min-area", "50"], "min_area=100 (now 50)"), (["--seed", "3"], "seed=0 (now 3)"),
+                        (["--mode", "interior"], "mode='random' (now 'interior')"),
+                        (["--num-points", "3"], "num_points=5 (now 3)")]:
+        msg = fail(refine.main, args + extra, capsys)
+        assert what in msg and "--overwrite" in msg and "--out" in msg
+        assert snapshot(out) == before  # nothing overwritten or lost
+    assert refine.main(args)["skipped"] == 2  # same settings: resume
+    (tmp_path / "labels" / "im1.png").unlink()
+    (tmp_path / "images" / "im1.png").unlink()
+    s = refine.main(args + ["--min-area", "50", "--overwrite"])
+    assert s["refined"] == 1 and s["skipped"] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["im0.png", "im0_vis.png", "refine_config.json"]  # old im1 gone
+    assert json.loads((out / "refine_config.json").read_text())["min_area"] == 50
+    (tmp_path / "stray").mkdir()
+    (tmp_path / "stray" / "notes.txt").write_text("mine")
+    msg = fail(refine.main, args[:4] + ["--out", str(tmp_path / "stray")] + args[6:] + ["--overwrite"], capsys)
+    assert "not a refine.py folder" in msg and (tmp_path / "stray" / "notes.txt").read_text() == "mine"
+
+
+def test_panel_titles_and_legend():
+    a = np.full((20, 30, 3), 200, np.uint8)
+    label = np.zeros((20, 30), np.int64)
+    label[:, 15:] = 13
+    refined = label.copy()
+    refined[:5] = 255
+    vis = refine.panel([a, refine.colorize(label), refine.colorize(refined)], ["image", "teacher", "refined"],
+                       [label, refined])
+    t = refine.PANEL_TITLE_ROWS
+    assert vis.shape[1] == 90 and np.array_equal(vis[t:t + 20, :30], a)
+    title, legend = vis[:t], vis[t + 20:]
+    assert (title < 100).any()                                          # dark title text
+    colours = {tuple(c) for c in legend.reshape(-1, 3).tolist()}
+    assert tuple(refine.PALETTE[0].tolist()) in colours and tuple(refine.PALETTE[13].tolist()) in colours
+    assert tuple(refine.PALETTE[1].tolist()) not in colours             # only the classes present
+    assert (0, 0, 0) in colours                                         # the black "dropped / ignored" swatch
+
+
+def test_help_has_text_choices_and_defaults(capsys):
+    with pytest.raises(SystemExit):
+        refine.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: 5000)" in text and "{random,interior}" in text and "{vit_t,vit_h,vit_l,vit_b,toy}" in text
+    assert "--overwrite" in text and "--debug" in text and "weights/mobile_sam.pt" in text

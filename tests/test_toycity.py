@@ -285,3 +285,20 @@ def test_errors():
         toycity.render("a street", 0, size=(8, 8))
     with pytest.raises(ValueError, match="num_images"):
         toycity.build("/nonexistent", num_images=-1)
+
+
+def test_cli_errors_one_message_and_help(tmp_path, capsys):
+    import toycity
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as err:
+        toycity.main(["--out", str(tmp_path / "file"), "--num-images", "-1", "--workers", "0"])
+    msg = capsys.readouterr().err
+    assert err.value.code == 2 and "Traceback" not in msg and "3 problem(s)" in msg
+    assert "--num-images must be >= 0" in msg and "--workers must be >= 1" in msg and "--out" in msg
+    with pytest.raises(ValueError, match="--workers"):  # --debug: the exception itself
+        toycity.main(["--out", str(tmp_path / "d"), "--workers", "0", "--debug"])
+    assert not (tmp_path / "d").exists()
+    with pytest.raises(SystemExit):
+        toycity.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: datasets_toy)" in text and "gta 200" in text and "--debug" in text

@@ -86,13 +86,14 @@ RECIPES = {
     "toy": {**DEMO, "data_root": DEMO_ROOT, "iters_warmup": DEMO_ITERS["warmup"], "iters_joint": DEMO_ITERS["joint"],
             "eval_every": DEMO_ITERS["joint"], "sam": "toy", "sam_min_area": TOY_MIN_AREA},
 }
-# Fields that change the optimization: --resume refuses a change of any of them without --allow-config-change
-OPTIM_FIELDS = ("source", "phase", "preset", "weights", "clip_weights", "train_backbone", "backbone_bf16", "classifier",
+# Fields that change the optimization: --resume refuses a change of any of them without --allow-config-change. Paths
+# are not compared (a moved dataset is the same data; its size is); nor is the number of ranks (StreamSampler).
+OPTIM_FIELDS = ("source", "phase", "preset", "train_backbone", "backbone_bf16", "classifier",
                 "iters_warmup", "iters_joint", "lr", "schedule", "poly_power", "batch_size", "weight_decay",
                 "weight_decay_norm", "weight_decay_embed", "backbone_multiplier", "clip_grad", "crop_size",
                 "scale_min", "scale_max", "target_factor", "source_factor", "p_gen", "n_source", "n_generated",
                 "ema_alpha", "ema_every", "sam", "sam_min_area", "sam_num_points", "sam_mode", "sam_uncovered",
-                "seed", "world_size")
+                "seed")
 
 
 @dataclass
@@ -237,8 +238,7 @@ def parse_args(argv=None):
         parser.error(str(e))
     notes = []
     if recipe:
-        notes.append(f"--recipe {cfg.recipe} set " + ", ".join(f"--{k.replace('_', '-')} {_flag_value(v)}"
-                                                               for k, v in recipe.items())
+        notes.append(f"--recipe {cfg.recipe} set " + ", ".join(_as_flag(k, v) for k, v in recipe.items())
                      + " (flags given on the command line win)")
     return cfg, notes
 
@@ -247,8 +247,12 @@ def parse_config(argv=None) -> TrainConfig:
     return parse_args(argv)[0]
 
 
-def _flag_value(v):
-    return " ".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
+def _as_flag(name, value) -> str:
+    """The command-line spelling of a field value: --train-backbone, --no-plots, --eval-sets a b, --lr 0.0005."""
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} " + (" ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value))
 
 
 # ---- data: a stream of mixed samples, a pure function of (seed, k) ----
@@ -1010,7 +1014,7 @@ class StopFlag:
     loop saves last.pt and stops; a second one aborts at once (KeyboardInterrupt). Main thread only."""
 
     def __init__(self):
-        self.signum, self._old = None, {}
+        self.signum, self._old, self.pid = None, {}, os.getpid()
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -1019,6 +1023,8 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame):
+        if os.getpid() != self.pid:  # a forked DataLoader worker: the main process handles the signal
+            return
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum

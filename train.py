@@ -1000,10 +1000,11 @@ class RunLog:
         self.path = Path(path) if enabled else None
         self.enabled = enabled
 
-    def __call__(self, msg, err=False):
+    def __call__(self, msg, err=False, echo=True):
         if not self.enabled:
             return
-        print(msg, file=sys.stderr if err else sys.stdout, flush=True)
+        if echo:
+            print(msg, file=sys.stderr if err else sys.stdout, flush=True)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
@@ -1119,14 +1120,14 @@ def run_phase(cfg, phase, model, env, inputs, out_dir) -> dict:
                 name = signal.Signals(stop.signum).name if stop.signum else "a stop signal"
                 msg = f"{name}: saved {paths['last']} at iteration {done}; resume with --resume"
                 if main_rank:
-                    say(f"[train] {msg}", err=True)
+                    say(f"[train] {msg}", echo=False)  # main prints it
                 raise Interrupted(msg)
     except KeyboardInterrupt:  # a second Ctrl-C (or one outside the handler): the iteration is not finished
         kept = f"{paths['last']} (iteration {ctx['saved']}) is kept" if ctx["saved"] is not None else \
             "no last.pt was saved in this phase yet"
         msg = f"interrupted inside {phase} iteration {it}: {kept}; resume with --resume"
         if main_rank:
-            say(f"[train] {msg}", err=True)
+            say(f"[train] {msg}", echo=False)  # main prints it
         raise Interrupted(msg) from None
     finally:
         del batches
@@ -1203,8 +1204,13 @@ def train(cfg: TrainConfig, notes=()) -> dict:
         results = {}
         with StopFlag() as stop:
             inputs.update(stop=stop)
-            for phase in phases:
-                results[phase] = run_phase(cfg, phase, model, env, inputs, out / phase if cfg.phase == "all" else out)
+            try:
+                for phase in phases:
+                    results[phase] = run_phase(cfg, phase, model, env, inputs,
+                                               out / phase if cfg.phase == "all" else out)
+            except TrainError as e:
+                say(f"[train] {e}", echo=False)  # main prints it
+                raise
         return {"out": str(out), "config": str(out / "config.json"), "phases": results,
                 "final": results[phases[-1]]["eval"]}
     finally:

@@ -134,7 +134,7 @@ class TrainConfig:
     ema_alpha: float = 0.999              # official SAM.ALPHA_EMA
     ema_every: int = 100                  # official ITERATION_UPDATE
     sam: str = "vit_t"                    # official SAM.MOBILE=True: MobileSAM; vit_h|vit_l|vit_b|toy|none
-    sam_checkpoint: str = ""              # "" = the official path of --sam (refine.DEFAULT_CHECKPOINTS: vit_t weights/mobile_sam.pt, vit_h weights/sam_vit_h_4b8939.pth, ...)
+    sam_checkpoint: str = ""              # "" = official weights/ file of --sam (vit_t mobile_sam.pt, vit_h sam_vit_h_4b8939.pth)
     sam_min_area: int = 5000              # official SAM.SIZE_THRESHOLD (strict >)
     sam_num_points: int = 5               # official SAM.NUM_POINTS
     sam_mode: str = "random"              # official SAM.SELECTION_MODE
@@ -144,7 +144,7 @@ class TrainConfig:
     eval_sets: tuple[str, ...] = ()       # official DATASETS.TEST; () = the source's test sets
     eval_max: int = 0                     # evaluate on the first N images of each set (0 = all)
     test_short_side: int = 1024           # official MapperTest ResizeShortestEdge(1024)
-    ckpt_every: Optional[int] = None      # numbered snapshots model_NNNNNNN.pt; official CHECKPOINT_PERIOD = 5 x EVAL_PERIOD
+    ckpt_every: Optional[int] = None      # snapshots model_NNNNNNN.pt; official CHECKPOINT_PERIOD = 5 x EVAL_PERIOD
     save_every: int = 1000                # OUT/last.pt every N iterations (also at the end and on Ctrl-C / SIGTERM)
     log_every: int = 20                   # official detectron2 PeriodicWriter period
     seed: int = 0                         # official SEED -1 (random); ours: data and RNG are functions of the seed
@@ -157,7 +157,7 @@ class TrainConfig:
     tensorboard: bool = False             # also write TensorBoard scalars (needs `pip install tensorboard`)
     plots: bool = True                    # loss/mIoU curves and the pseudo-label grid as PNGs
     progress: bool = True                 # tqdm bars
-    demo: bool = False                    # run the offline ToyCity ablation instead (see run_demo; its runs are rewritten)
+    demo: bool = False                    # run the offline ToyCity ablation instead (run_demo; rewrites its runs)
     demo_out: str = "runs/demo"           # demo output folder
 
     def __post_init__(self):

@@ -134,7 +134,7 @@ class TrainConfig:
     ema_alpha: float = 0.999              # official SAM.ALPHA_EMA
     ema_every: int = 100                  # official ITERATION_UPDATE
     sam: str = "vit_t"                    # official SAM.MOBILE=True: MobileSAM; vit_h|vit_l|vit_b|toy|none
-    sam_checkpoint: str = ""              # "" = official weights/ file of --sam (vit_t mobile_sam.pt, vit_h sam_vit_h_4b8939.pth)
+    sam_checkpoint: str = ""              # "" = the official weights/ file of --sam (refine.DEFAULT_CHECKPOINTS)
     sam_min_area: int = 5000              # official SAM.SIZE_THRESHOLD (strict >)
     sam_num_points: int = 5               # official SAM.NUM_POINTS
     sam_mode: str = "random"              # official SAM.SELECTION_MODE

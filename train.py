@@ -9,6 +9,7 @@ weights (the official configs needed a hand-edited MODEL.WEIGHTS path, reference
 
 Usage:
     python train.py --source gta --data-root datasets --synthetic datasets/stable_diffusion/sd_clouds --out runs/gta
+    python train.py --recipe toy --synthetic datasets_toy/generated --out runs/toy  # the same code path on ToyCity
     torchrun --nproc_per_node 2 train.py --source gta ...     # DDP; --batch-size is the total over the ranks
     python train.py --demo                                      # offline CPU ablation on ToyCity (< 10 min, 2 cores)
 """
@@ -20,7 +21,10 @@ import math
 import os
 import pickle
 import re
+import signal
+import sys
 import tempfile
+import threading
 import time
 import typing
 from dataclasses import asdict, dataclass, fields, replace
@@ -63,6 +67,33 @@ SOURCES = {
 PHASES = ("warmup", "joint", "all")
 SAMS = ("vit_t", "vit_h", "vit_l", "vit_b", "toy", "none")
 SCHEDULES = ("constant", "poly")
+EVAL_SETS = tuple(n for n in data.DATASETS if n != "generated")
+
+# The toy recipe: one source of truth for `--recipe toy` and `--demo`. Toy scale: ToyCity GTA is 263x478 (real / 4);
+# generated toy images are 192x192. Random init: higher LR than the official 1e-5, no 0.1x backbone multiplier.
+DEMO_ROOT = "datasets_toy"
+DEMO_TARGETS = ("cityscapes", "bdd", "mapillary", "acdc_fog", "acdc_night", "acdc_rain", "acdc_snow")
+DEMO = dict(
+    preset="tiny", train_backbone=True, crop_size=192, scale_min=0.5, scale_max=2.0, test_short_side=256,
+    batch_size=4, lr=5e-4, backbone_multiplier=1.0, schedule="constant", workers=0, log_every=20,
+    eval_sets=DEMO_TARGETS, eval_max=25, ema_every=10)
+DEMO_ITERS = {"warmup": 400, "joint": 200}
+# Sec. 3.3 toy scale: the official 5000 px threshold on 768x768 crops is 0.85% of the crop; the same share of a
+# 192x192 toy image is 312 px
+TOY_MIN_AREA = round(5000 * (DEMO["crop_size"] / 768) ** 2)
+RECIPES = {
+    "none": {},
+    "toy": {**DEMO, "data_root": DEMO_ROOT, "iters_warmup": DEMO_ITERS["warmup"], "iters_joint": DEMO_ITERS["joint"],
+            "eval_every": DEMO_ITERS["joint"], "sam": "toy", "sam_min_area": TOY_MIN_AREA},
+}
+# Fields that change the optimization: --resume refuses a change of any of them without --allow-config-change. Paths
+# are not compared (a moved dataset is the same data; its size is); nor is the number of ranks (StreamSampler).
+OPTIM_FIELDS = ("source", "phase", "preset", "train_backbone", "backbone_bf16", "classifier",
+                "iters_warmup", "iters_joint", "lr", "schedule", "poly_power", "batch_size", "weight_decay",
+                "weight_decay_norm", "weight_decay_embed", "backbone_multiplier", "clip_grad", "crop_size",
+                "scale_min", "scale_max", "target_factor", "source_factor", "p_gen", "n_source", "n_generated",
+                "ema_alpha", "ema_every", "sam", "sam_min_area", "sam_num_points", "sam_mode", "sam_uncovered",
+                "seed")
 
 
 @dataclass
@@ -103,7 +134,7 @@ class TrainConfig:
     ema_alpha: float = 0.999              # official SAM.ALPHA_EMA
     ema_every: int = 100                  # official ITERATION_UPDATE
     sam: str = "vit_t"                    # official SAM.MOBILE=True: MobileSAM; vit_h|vit_l|vit_b|toy|none
-    sam_checkpoint: str = ""              # official ./weights/mobile_sam.pt or ./weights/sam_vit_h_4b8939.pth
+    sam_checkpoint: str = ""              # "" = the official weights/ file of --sam (refine.DEFAULT_CHECKPOINTS)
     sam_min_area: int = 5000              # official SAM.SIZE_THRESHOLD (strict >)
     sam_num_points: int = 5               # official SAM.NUM_POINTS
     sam_mode: str = "random"              # official SAM.SELECTION_MODE
@@ -113,15 +144,20 @@ class TrainConfig:
     eval_sets: tuple[str, ...] = ()       # official DATASETS.TEST; () = the source's test sets
     eval_max: int = 0                     # evaluate on the first N images of each set (0 = all)
     test_short_side: int = 1024           # official MapperTest ResizeShortestEdge(1024)
-    ckpt_every: Optional[int] = None      # official CHECKPOINT_PERIOD = 5 x EVAL_PERIOD
+    ckpt_every: Optional[int] = None      # snapshots model_NNNNNNN.pt; official CHECKPOINT_PERIOD = 5 x EVAL_PERIOD
+    save_every: int = 1000                # OUT/last.pt every N iterations (also at the end and on Ctrl-C / SIGTERM)
     log_every: int = 20                   # official detectron2 PeriodicWriter period
     seed: int = 0                         # official SEED -1 (random); ours: data and RNG are functions of the seed
     device: str = "auto"                  # auto (cuda:LOCAL_RANK if available) | cpu | cuda | cuda:N
     resume: bool = False                  # continue from OUT/last.pt (model, optimizer, schedule, teacher, iteration)
+    overwrite: bool = False               # start over in an --out that already holds a run (its files are replaced)
+    allow_config_change: bool = False     # with --resume: apply changed lr/schedule/iterations/... (logged)
+    recipe: str = "none"                  # toy: the ToyCity settings of --demo (explicit flags win; printed)
+    debug: bool = False                   # show Python tracebacks instead of one-message errors
     tensorboard: bool = False             # also write TensorBoard scalars (needs `pip install tensorboard`)
     plots: bool = True                    # loss/mIoU curves and the pseudo-label grid as PNGs
     progress: bool = True                 # tqdm bars
-    demo: bool = False                    # run the offline ToyCity ablation instead (see run_demo)
+    demo: bool = False                    # run the offline ToyCity ablation instead (run_demo; rewrites its runs)
     demo_out: str = "runs/demo"           # demo output folder
 
     def __post_init__(self):
@@ -133,6 +169,7 @@ class TrainConfig:
         allowed("preset", self.preset, clouds.PRESETS)
         allowed("sam", self.sam, SAMS)
         allowed("classifier", self.classifier, ("linear", "text"))
+        allowed("recipe", self.recipe, RECIPES)
         preset = SOURCES[self.source]
         for name in ("iters_warmup", "iters_joint", "lr", "schedule", "eval_every", "target_factor"):
             if getattr(self, name) is None:
@@ -142,11 +179,12 @@ class TrainConfig:
             self.ckpt_every = 5 * self.eval_every if self.eval_every else 5000  # official 5 x EVAL_PERIOD
         allowed("schedule", self.schedule, SCHEDULES)
         for name in self.eval_sets:
-            allowed("evaluation set", name, [n for n in data.DATASETS if n != "generated"])
+            allowed("evaluation set", name, EVAL_SETS)
         for name in ("iters_warmup", "iters_joint", "eval_every", "eval_max", "workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        for name in ("batch_size", "crop_size", "ema_every", "ckpt_every", "log_every", "test_short_side"):
+        for name in ("batch_size", "crop_size", "ema_every", "ckpt_every", "save_every", "log_every",
+                     "test_short_side"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not (self.lr > 0 and 0 <= self.ema_alpha <= 1 and 0 < self.scale_min <= self.scale_max):
@@ -154,10 +192,18 @@ class TrainConfig:
                              f"ema_alpha={self.ema_alpha}, scale {self.scale_min}..{self.scale_max}")
         if self.p_gen is not None and not 0 <= self.p_gen <= 1:
             raise ValueError(f"--p-gen must be in [0, 1], got {self.p_gen}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """argparse generated from TrainConfig: --field-name VALUE, --flag/--no-flag for booleans, nargs for tuples."""
+CHOICES = {"source": SOURCES, "phase": PHASES, "preset": clouds.PRESETS, "sam": SAMS, "schedule": SCHEDULES,
+           "classifier": ("linear", "text"), "sam_mode": ("random", "interior"), "sam_uncovered": ("drop", "ignore"),
+           "recipe": RECIPES, "eval_sets": EVAL_SETS}
+
+
+def build_parser(explicit_only: bool = False) -> argparse.ArgumentParser:
+    """argparse generated from TrainConfig: --field-name VALUE, --flag/--no-flag for booleans, nargs for tuples,
+    choices for the registries. explicit_only: every default is SUPPRESS, so parsing returns the flags given."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(TrainConfig)
@@ -165,19 +211,48 @@ def build_parser() -> argparse.ArgumentParser:
     comments = dict(re.findall(r"^    (\w+): [^#\n]*# (.*)$", inspect.getsource(TrainConfig), re.M))
     for f in fields(TrainConfig):
         tp, flag, help_ = hints[f.name], "--" + f.name.replace("_", "-"), comments.get(f.name, "")
+        default = argparse.SUPPRESS if explicit_only else f.default
+        choices = list(CHOICES[f.name]) if f.name in CHOICES else None
         if typing.get_origin(tp) is typing.Union:  # Optional[X] -> X
             tp = next(a for a in typing.get_args(tp) if a is not type(None))
         if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
         elif typing.get_origin(tp) is tuple:
-            parser.add_argument(flag, nargs="*", type=typing.get_args(tp)[0], default=f.default, help=help_)
+            parser.add_argument(flag, nargs="*", type=typing.get_args(tp)[0], default=default, help=help_,
+                                choices=choices)
         else:
-            parser.add_argument(flag, type=tp, default=f.default, help=help_)
+            parser.add_argument(flag, type=tp, default=default, help=help_, choices=choices)
     return parser
 
 
+def parse_args(argv=None):
+    """argv -> (TrainConfig, notes). `--recipe NAME` fills the fields not given on the command line (explicit flags
+    win); the notes say what it set. Usage errors (bad choices, TrainConfig's ValueErrors) exit 2 via argparse."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    explicit = vars(build_parser(explicit_only=True).parse_args(argv))
+    recipe = {k: v for k, v in RECIPES[args["recipe"]].items() if k not in explicit}
+    try:
+        cfg = TrainConfig(**{**args, **recipe})
+    except ValueError as e:
+        parser.error(str(e))
+    notes = []
+    if recipe:
+        notes.append(f"--recipe {cfg.recipe} set " + ", ".join(_as_flag(k, v) for k, v in recipe.items())
+                     + " (flags given on the command line win)")
+    return cfg, notes
+
+
 def parse_config(argv=None) -> TrainConfig:
-    return TrainConfig(**vars(build_parser().parse_args(argv)))
+    return parse_args(argv)[0]
+
+
+def _as_flag(name, value) -> str:
+    """The command-line spelling of a field value: --train-backbone, --no-plots, --eval-sets a b, --lr 0.0005."""
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} " + (" ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value))
 
 
 # ---- data: a stream of mixed samples, a pure function of (seed, k) ----
@@ -437,6 +512,7 @@ def train_step(ctx, batch, it):
             clouds.targets_from_label(pad_batch([s["label"]], data.IGNORE_INDEX, size)[0])
         targets.append({k: v.to(device) for k, v in t.items()})
     outputs = ctx["student"](images)
+    check_outputs(ctx, outputs, it)  # before the matcher: scipy's Hungarian solver dies on NaN costs
     losses = model.criterion(outputs, targets, generator=ctx["generator"])  # §4.3: one call over the mixed batch
     loss = sum(losses.values())
     finite = torch.tensor(float(torch.isfinite(loss)), device=device)
@@ -444,15 +520,16 @@ def train_step(ctx, batch, it):
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if finite.item() < 1:
         terms = {k: v.item() for k, v in losses.items() if k in ("loss_ce", "loss_mask", "loss_dice")}
-        raise RuntimeError(f"non-finite loss at {ctx['phase']} iteration {it}: total {loss.item()}, final-layer terms "
-                           f"{terms}. Stopped before the optimizer step; the last good checkpoint ({ctx['last']}) is "
-                           f"kept. Lower --lr or check the inputs, then rerun with --resume.")
+        raise TrainError(f"non-finite loss at {ctx['phase']} iteration {it}: total {loss.item()}, final-layer terms "
+                         f"{terms}. Stopped before the optimizer step; the last good checkpoint ({_last_good(ctx)}) "
+                         f"is kept. Lower --lr or check the inputs, then rerun with --resume.")
     ctx["optimizer"].zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(ctx["params"], cfg.clip_grad)  # official: full model, L2 0.01
     if not torch.isfinite(grad_norm):
-        raise RuntimeError(f"non-finite gradient norm at {ctx['phase']} iteration {it} (loss {loss.item():.4f}). "
-                           f"Stopped before the optimizer step; the last good checkpoint ({ctx['last']}) is kept.")
+        raise TrainError(f"non-finite gradient norm at {ctx['phase']} iteration {it} (loss {loss.item():.4f}). "
+                         f"Stopped before the optimizer step; the last good checkpoint ({_last_good(ctx)}) is kept. "
+                         f"Lower --lr, then rerun with --resume.")
     ctx["optimizer"].step()
     ctx["scheduler"].step()
     t2 = _sync(device)
@@ -460,6 +537,29 @@ def train_step(ctx, batch, it):
     return {"loss": loss.item(), **terms, "n_gen": len(gen), "grad_norm": float(grad_norm),
             "time_teacher": t_teacher, "time_refine": t_refine, "time_student": t2 - t1, "time_iter": t2 - t0,
             "cpu_iter": time.process_time() - cpu0}
+
+
+def check_outputs(ctx, outputs, it):
+    """Raise TrainError when pred_logits / pred_masks (final or auxiliary) hold NaN or Inf: one device sync, and every
+    rank stops together (MIN all-reduce)."""
+    named = [("", outputs)] + [(f"aux_outputs[{i}].", a) for i, a in enumerate(outputs.get("aux_outputs", []))]
+    tensors = [(p + k, o[k]) for p, o in named for k in ("pred_logits", "pred_masks")]
+    finite = torch.stack([torch.isfinite(t).all() for _, t in tensors]).float()  # (n,)
+    if ctx["world"] > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if finite.min().item() < 1:
+        bad = [n for (n, _), f in zip(tensors, finite.tolist()) if f < 1]
+        cfg = ctx["cfg"]
+        raise TrainError(f"non-finite model outputs at {ctx['phase']} iteration {it} ({', '.join(bad[:4])}"
+                         f"{', ...' if len(bad) > 4 else ''}): stopped before the matcher and the optimizer step; the "
+                         f"last good checkpoint is {_last_good(ctx)}. Try a lower --lr (now {cfg.lr})"
+                         + (", --no-backbone-bf16" if cfg.backbone_bf16 else "")
+                         + ", or check the input images; then rerun with --resume.")
+
+
+def _last_good(ctx) -> str:
+    saved = ctx.get("saved")
+    return f"{ctx['last']}, iteration {saved}" if saved is not None else f"none yet: {ctx['last']} is not written"
 
 
 # ---- checkpoints, metrics, plots ----
@@ -482,13 +582,26 @@ def save_state(path, ctx, iteration):
 def restore_state(path, ctx) -> int:
     """Load last.pt into the running model, optimizer, schedule and teacher; returns the completed iterations. The
     data stream and the per-iteration generators are functions of (seed, iteration), so nothing else is needed."""
-    ckpt = load_weights(ctx["model"], path)
+    try:
+        ckpt = load_weights(ctx["model"], path)
+    except Exception as e:  # a cut-off or foreign file; read_trainer already checked it in the preflight
+        raise TrainError(f"could not resume from {path} ({type(e).__name__}: {_first_line(e)}); move it away or "
+                         f"start over with --overwrite") from e
     trainer = (ckpt or {}).get("trainer")
     if not trainer or trainer.get("phase") != ctx["phase"]:
-        raise RuntimeError(f"{path} holds no {ctx['phase']} trainer state (found phase "
+        raise TrainError(f"{path} holds no {ctx['phase']} trainer state (found phase "
                            f"{(trainer or {}).get('phase')}); resume from the matching --out folder or drop --resume")
+    fresh = [{k: g[k] for k in ("lr", "weight_decay")} for g in ctx["optimizer"].param_groups]  # this run's config
+    schedule = dict(vars(ctx["scheduler"].lr_lambdas[0]))
     ctx["optimizer"].load_state_dict(trainer["optimizer"])
-    ctx["scheduler"].load_state_dict(trainer["scheduler"])
+    ctx["scheduler"].load_state_dict(trainer["scheduler"])  # restores the saved LRSchedule fields too
+    # This run's hyperparameters take effect from the resumed iteration (the preflight refused any change without
+    # --allow-config-change); unchanged ones give back exactly the saved values.
+    sched = ctx["scheduler"]
+    sched.lr_lambdas[0].__dict__.update(schedule)
+    sched.base_lrs = [g["lr"] for g in fresh]
+    for group, new, base in zip(ctx["optimizer"].param_groups, fresh, sched.base_lrs):
+        group.update(weight_decay=new["weight_decay"], initial_lr=base, lr=base * sched.lr_lambdas[0](sched.last_epoch))
     if ctx["teacher"] is not None:
         ctx["teacher"].load_state_dict(trainer["teacher"])
     torch.set_rng_state(trainer["torch_rng"])
@@ -516,13 +629,13 @@ def write_json(obj, path):
 class MetricsLog:
     """metrics.jsonl (one JSON object per logged iteration or evaluation) and, optionally, TensorBoard scalars."""
 
-    def __init__(self, path, enabled=True, tensorboard=False, keep_until=None):
+    def __init__(self, path, enabled=True, tensorboard=False, keep_until=None, say=None):
         self.path, self.enabled, self.writer = Path(path), enabled, None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if keep_until is not None and self.path.is_file():  # resume: drop what the interrupted run logged later
-            lines = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["iter"] <= keep_until]
+            lines = [json.dumps(r) for r in read_metrics(self.path, say) if r.get("iter", 0) <= keep_until]
             _atomic(self.path, lambda tmp: Path(tmp).write_text("".join(ln + "\n" for ln in lines)))
         elif keep_until is None:
             self.path.unlink(missing_ok=True)
@@ -547,6 +660,24 @@ class MetricsLog:
             self.writer.close()
 
 
+def read_metrics(path, say=None) -> list:
+    """The records of a metrics.jsonl; a line that is not JSON (cut off by a crash) is skipped with a warning."""
+    records, say = [], say or _warn
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            say(f"[train] warning: {path} line {i} is not valid JSON (cut off by a crash?); skipped: {line[:60]!r}",
+                err=True)
+    return records
+
+
+def _warn(msg, err=True):
+    print(msg, file=sys.stderr, flush=True)
+
+
 def _summary_writer_cls():
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -560,7 +691,7 @@ def plot_curves(metrics_path, png_path):
     """Loss (left) and mIoU per evaluation set (right) against the iteration, from metrics.jsonl."""
     from matplotlib.figure import Figure
 
-    records = [json.loads(ln) for ln in Path(metrics_path).read_text().splitlines() if ln]
+    records = read_metrics(metrics_path, say=lambda *a, **k: None)  # torn lines were reported at resume
     fig = Figure(figsize=(10, 4))
     ax_loss, ax_miou = fig.subplots(1, 2)
     train = [r for r in records if "loss" in r]
@@ -580,10 +711,12 @@ def plot_curves(metrics_path, png_path):
 
 
 def plot_pseudo_labels(records, png_path):
-    """Grid of generated samples: image | teacher argmax | refined pseudo label (black = no class)."""
+    """Grid of generated samples: image | teacher argmax | refined pseudo label, with a legend of the class colours
+    that appear; black = no class (ignored, or dropped by the refinement rules, reference §5.3)."""
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
-    fig = Figure(figsize=(9, 3 * len(records)))
+    fig = Figure(figsize=(9, 3 * len(records) + 1.2))
     axes = np.asarray(fig.subplots(len(records), 3, squeeze=False))
     for row, (image, teacher, refined) in zip(axes, records):
         for ax, img, title in zip(row, (image, data.colorize(teacher), data.colorize(refined)),
@@ -591,7 +724,12 @@ def plot_pseudo_labels(records, png_path):
             ax.imshow(img)
             ax.set_title(title)
             ax.axis("off")
-    fig.tight_layout()
+    present = sorted({int(c) for _, t, r in records for c in np.unique(np.concatenate([t.ravel(), r.ravel()]))
+                      if c < len(data.CLASSES)})
+    handles = [Patch(color=data.PALETTE[c] / 255, label=data.CLASSES[c]) for c in present]
+    handles.append(Patch(facecolor="black", label="black: ignored / dropped by refinement"))
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 1.2 / (3 * len(records) + 1.2), 1, 1))
     _atomic(png_path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
 
 
@@ -615,6 +753,7 @@ def evaluate_sets(model, sets, device, progress) -> dict:
     for name, ds in sets.items():
         m = evaluate.evaluate_model(model, ds, device=device, progress=progress)
         out[name] = {k: m[k] for k in ("mIoU", "mIoU16", "mAcc", "aAcc")}
+        out[name]["IoU"] = {c: None if math.isnan(v) else v for c, v in zip(data.CLASSES, m["IoU"].tolist())}
     return out
 
 
@@ -651,9 +790,194 @@ def setup_distributed(device_name: str) -> Env:
 # ---- phases ----
 
 
-def prepare_inputs(cfg, env) -> dict:
-    """Open every input before training starts, so a missing dataset, an empty synthetic folder, missing weights or a
-    bad SAM checkpoint fail at once (with data's / clouds' / refine's messages) rather than after the warmup."""
+class Problems(Exception):
+    """What stops a run from starting, as one message (main prints it and exits 2; --debug shows the traceback)."""
+
+    def __init__(self, problems):
+        self.problems = list(problems)
+        n = len(self.problems)
+        lines = [f"train.py cannot start: {n} problem{'s' * (n > 1)} (fix each, then rerun the same command)"]
+        lines += [f"  {i}. " + p.replace("\n", "\n     ") for i, p in enumerate(self.problems, 1)]
+        super().__init__("\n".join(lines))
+
+
+class TrainError(RuntimeError):
+    """A run stopped on bad state (non-finite outputs or loss, an unreadable checkpoint); the message says what to
+    do. main prints it and exits 1 (--debug: traceback)."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C / SIGTERM: last.pt was saved (or kept); main prints the message and exits 130."""
+
+
+RUN_FILES = ("config.json", "last.pt", "metrics.jsonl")
+
+
+def _phase_dirs(cfg) -> dict:
+    out = Path(cfg.out)
+    return {"warmup": out / "warmup", "joint": out / "joint"} if cfg.phase == "all" else {cfg.phase: out}
+
+
+def _first_line(err) -> str:
+    return str(err).split("\n")[0]
+
+
+def _dataset_problem(name, root, split, what, fix) -> tuple:
+    """(problem message or None, number of files)."""
+    try:
+        return None, len(data.list_files(name, root, split))
+    except (FileNotFoundError, ValueError) as e:
+        return f"{what}: {e}\n{fix}", 0
+
+
+def clip_problems(cfg) -> list:
+    """The CLIP weights build_model will read: --clip-weights FILE, or the preset's open_clip tag in the Hugging Face
+    cache (checked offline with huggingface_hub.try_to_load_from_cache; nothing is downloaded)."""
+    if cfg.clip_weights:
+        if Path(cfg.clip_weights).is_file():
+            return []
+        return [f"--clip-weights {cfg.clip_weights} does not exist: pass the open_clip weights file "
+                f"(open_clip_pytorch_model.bin), or drop --clip-weights to use the Hugging Face cache"]
+    mc = clouds.ModelConfig(**clouds.PRESETS[cfg.preset])
+    if mc.pretrained is None:  # random init (tiny): nothing to load; warned about in run_warnings
+        return []
+    import open_clip
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    hub = (open_clip.get_pretrained_cfg(mc.clip_model, mc.pretrained) or {}).get("hf_hub", "")
+    repo, filename = os.path.split(hub)  # open_clip: "org/repo/" = the default file names
+    names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+    if repo and any(isinstance(try_to_load_from_cache(repo, f), str) for f in names):
+        return []
+    file = names[-1]
+    return [f"CLIP weights of --preset {cfg.preset} (open_clip {mc.clip_model}, pretrained {mc.pretrained!r}) are not "
+            f"in the Hugging Face cache {constants.HF_HUB_CACHE}: on a machine with internet run\n"
+            f"  hf download {repo} {file}\n(set HF_HOME to share the cache), or pass --clip-weights /path/{file}"]
+
+
+def run_warnings(cfg) -> list:
+    mc = clouds.ModelConfig(**clouds.PRESETS[cfg.preset])
+    if mc.pretrained is None and not cfg.clip_weights and not cfg.train_backbone:
+        return [f"warning: --preset {cfg.preset} has a RANDOM-INIT CLIP backbone and it stays frozen "
+                f"(--no-train-backbone): the head trains on random features (lr {cfg.lr}). Pass --train-backbone, "
+                f"or --recipe toy for the ToyCity settings."]
+    return []
+
+
+def read_trainer(path) -> dict:
+    """The trainer state of a last.pt (phase, iteration, ...); an unreadable file raises TrainError naming it."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        trainer = ckpt["trainer"]
+        return {"phase": trainer["phase"], "iteration": int(trainer["iteration"])}
+    except Exception as e:  # torch.load of a cut-off file: RuntimeError, EOFError, UnpicklingError, KeyError ...
+        raise TrainError(f"checkpoint {path} is unreadable ({type(e).__name__}: {_first_line(e)}); it was probably "
+                         f"cut off by a crash or a full disk. Delete or move it and rerun with --resume (the phase "
+                         f"restarts from iteration 0), or start over with --overwrite") from e
+
+
+def config_changes(old: dict, new: dict) -> dict:
+    """{field: (old, new)} for the OPTIM_FIELDS that differ between the saved config.json and this run."""
+    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731 (JSON has lists)
+    return {k: (old[k], norm(new[k])) for k in OPTIM_FIELDS if k in old and k in new and old[k] != norm(new[k])}
+
+
+def preflight(cfg, env) -> dict:
+    """Check everything the run needs before any model is built: the source and its converted labels, every
+    evaluation set, the generated folder, the CLIP weights, the SAM package and checkpoint, --weights, the state of
+    --out. Raises Problems listing EVERY problem, each with the flag or command that fixes it. Returns what it learned:
+    {"n_source", "n_generated", "p_gen", "config" (the record for config.json), "changes", "resume", "warnings"}."""
+    phases = ("warmup", "joint") if cfg.phase == "all" else (cfg.phase,)
+    problems, root = [], cfg.data_root
+    split = SOURCES[cfg.source].split
+    p, n_source = _dataset_problem(cfg.source, root, split, f"source dataset {cfg.source} (--source)",
+                                   f"fix: put it under --data-root (now {root}) in the layout above, or pass "
+                                   f"--data-root DIR")
+    problems += [p] if p else []
+    for name in cfg.eval_sets if cfg.eval_every else ():
+        others = [n for n in cfg.eval_sets if n != name]
+        drop = f"--eval-sets {' '.join(others)}" if others else "--eval-every 0"
+        p, _ = _dataset_problem(name, root, None, f"evaluation set {name} (--eval-sets)",
+                                f"fix: add it under --data-root, or drop it: {drop} (or --eval-every 0 for no "
+                                f"evaluation)")
+        problems += [p] if p else []
+    n_gen, p_gen, joint = 0, 0.0, "joint" in phases and cfg.p_gen != 0
+    if joint and not cfg.synthetic:
+        problems.append("joint training needs the generated images: pass --synthetic DIR (make them with "
+                        "`python generate.py --out DIR`), or --p-gen 0 to train on the source alone, or "
+                        "--phase warmup")
+    elif joint:
+        p, n_gen = _dataset_problem("generated", cfg.synthetic, None, "generated images (--synthetic)",
+                                    f"fix: `python generate.py --out {cfg.synthetic}` (or --backend toy for ToyCity), "
+                                    f"or pass --synthetic DIR, or --p-gen 0")
+        problems += [p] if p else []
+        if not p:
+            p_gen = cfg.p_gen if cfg.p_gen is not None else mixing_rate(n_source, n_gen, cfg.target_factor,
+                                                                        cfg.source_factor)
+    if joint and cfg.sam not in ("toy", "none"):
+        problems += [m + " (or --sam none: unrefined teacher labels)" for m in
+                     refine.predictor_problems(cfg.sam, _sam_checkpoint(cfg), flag="--sam-checkpoint")]
+    problems += clip_problems(cfg)
+    if cfg.weights and not Path(cfg.weights).is_file():
+        problems.append(f"--weights {cfg.weights} does not exist: pass the warmup model_final.pt (ours) or an "
+                        f"official model_final.pth, or use --phase all to run the warmup first")
+    dirs = _phase_dirs(cfg)
+    lasts = {ph: d / "last.pt" for ph, d in dirs.items() if (d / "last.pt").is_file()}
+    if cfg.phase == "joint" and not cfg.weights and not (cfg.resume and lasts):
+        problems.append("--phase joint starts from the warmup weights: pass --weights WARMUP_OUT/model_final.pt, "
+                        "or use --phase all to run the warmup first")
+    if cfg.tensorboard:
+        try:
+            _summary_writer_cls()
+        except ImportError as e:
+            problems.append(str(e))
+    if cfg.batch_size % env.world:
+        problems.append(f"--batch-size {cfg.batch_size} (total) must be divisible by the {env.world} ranks")
+    # the state of --out: a run there is never replaced without --resume or --overwrite
+    out = Path(cfg.out)
+    found = sorted(str(f) for d in {out, *dirs.values()} for f in (d / n for n in RUN_FILES) if f.is_file())
+    record = {**asdict(cfg), "p_gen": p_gen, "n_source": n_source, "n_generated": n_gen, "world_size": env.world}
+    changes, resume, old = {}, {}, {}
+    if found and not (cfg.resume or cfg.overwrite):
+        problems.append(f"--out {out} already holds a run ({', '.join(found)}): pass --resume to continue it, "
+                        f"--overwrite to start over (its files are replaced), or choose another --out")
+    if cfg.resume:
+        for ph, path in lasts.items():
+            try:
+                resume[ph] = read_trainer(path)
+            except TrainError as e:
+                problems.append(str(e))
+        for ph, r in resume.items():
+            if r["phase"] != ph:
+                problems.append(f"{lasts[ph]} holds {r['phase']} state, not {ph}: resume from the matching --out "
+                                f"(and --phase), or start over with --overwrite")
+        if (out / "config.json").is_file():
+            try:
+                old = json.loads((out / "config.json").read_text())
+            except json.JSONDecodeError as e:
+                problems.append(f"{out / 'config.json'} is not valid JSON ({e}); fix or delete it, or start over "
+                                f"with --overwrite")
+        if not any(p.startswith("source dataset") or p.startswith("generated images") for p in problems):
+            changes = config_changes(old, record)
+        if changes and not cfg.allow_config_change:
+            problems.append(f"--resume with settings that change the optimization ({out / 'config.json'} -> this "
+                            f"command): " + ", ".join(f"{k} {o!r} -> {n!r}" for k, (o, n) in changes.items())
+                            + ". Pass --allow-config-change to apply them from the resumed iteration (logged in "
+                              "log.txt and config.json), or rerun with the old values")
+    if problems:
+        raise Problems(problems)
+    record["history"] = old.get("history", []) if cfg.resume else []
+    return {"n_source": n_source, "n_generated": n_gen, "p_gen": p_gen, "config": record, "changes": changes,
+            "resume": resume, "warnings": run_warnings(cfg)}
+
+
+def _sam_checkpoint(cfg) -> Optional[str]:
+    """--sam-checkpoint, or the official path of --sam (refine.DEFAULT_CHECKPOINTS, reference §5.1: ./weights/)."""
+    return cfg.sam_checkpoint or refine.DEFAULT_CHECKPOINTS.get(cfg.sam)
+
+
+def prepare_inputs(cfg, env, p_gen: float = None) -> dict:
+    """Open every input the preflight checked: the source, the evaluation sets, the generated images, SAM."""
     phases = ("warmup", "joint") if cfg.phase == "all" else (cfg.phase,)
     train_tf = data.TrainTransform(cfg.crop_size, (cfg.scale_min, cfg.scale_max))  # §1.7: rescale, crop, jitter, flip
     inputs = {"source": data.build_dataset(cfg.source, cfg.data_root, SOURCES[cfg.source].split, train_tf),
@@ -661,27 +985,61 @@ def prepare_inputs(cfg, env) -> dict:
               "refine_cfg": refine.RefineConfig(min_area=cfg.sam_min_area, num_points=cfg.sam_num_points,
                                                 mode=cfg.sam_mode, uncovered=cfg.sam_uncovered)}
     if "joint" in phases and cfg.p_gen != 0:
-        if not cfg.synthetic:
-            raise ValueError("joint training needs the generated images: pass --synthetic DIR (generate.py --out DIR), "
-                             "or --p-gen 0 to continue on the source alone")
         inputs["generated"] = data.build_dataset("generated", cfg.synthetic, transform=data.GeneratedTransform())
         inputs["p_gen"] = cfg.p_gen if cfg.p_gen is not None else mixing_rate(
             len(inputs["source"]), len(inputs["generated"]), cfg.target_factor, cfg.source_factor)
         if cfg.sam != "none":
-            inputs["predictor"] = refine.build_predictor(cfg.sam, cfg.sam_checkpoint or None, str(env.device))
-    last = Path(cfg.out) / ("joint/last.pt" if cfg.phase == "all" else "last.pt")
-    if cfg.phase == "joint" and not cfg.weights and not (cfg.resume and last.is_file()):
-        raise ValueError("--phase joint starts from the warmup weights: pass --weights WARMUP_OUT/model_final.pt, "
-                         "or use --phase all to run the warmup first")
-    if cfg.tensorboard:  # check the optional package now, not after the first log period
-        _summary_writer_cls()
-    if cfg.batch_size % env.world:
-        raise ValueError(f"--batch-size {cfg.batch_size} (total) must be divisible by the {env.world} ranks")
+            inputs["predictor"] = refine.build_predictor(cfg.sam, _sam_checkpoint(cfg), str(env.device))
     return inputs
 
 
+class RunLog:
+    """Prints and appends to OUT/log.txt (rank 0): the config summary, notes, warnings, eval tables, stops."""
+
+    def __init__(self, path, enabled=True):
+        self.path = Path(path) if enabled else None
+        self.enabled = enabled
+
+    def __call__(self, msg, err=False, echo=True):
+        if not self.enabled:
+            return
+        if echo:
+            print(msg, file=sys.stderr if err else sys.stdout, flush=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+
+
+class StopFlag:
+    """SIGINT / SIGTERM handler for the training loop: the first signal lets the current iteration finish, then the
+    loop saves last.pt and stops; a second one aborts at once (KeyboardInterrupt). Main thread only."""
+
+    def __init__(self):
+        self.signum, self._old, self.pid = None, {}, os.getpid()
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if os.getpid() != self.pid:  # a forked DataLoader worker: the main process handles the signal
+            return
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n[train] {signal.Signals(signum).name}: finishing this iteration, then saving last.pt "
+              f"(send it again to abort without saving)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
 def run_phase(cfg, phase, model, env, inputs, out_dir) -> dict:
-    """Train one phase into out_dir (last.pt, model_final.pt, metrics.jsonl, PNGs). Returns a summary dict."""
+    """Train one phase into out_dir (last.pt, model_NNNNNNN.pt snapshots, model_final.pt, metrics.jsonl, PNGs).
+    Returns a summary dict. Ctrl-C / SIGTERM (inputs["stop"]) saves last.pt and raises Interrupted."""
     joint = phase == "joint"
     max_iter = cfg.iters_joint if joint else cfg.iters_warmup
     out_dir = Path(out_dir)
@@ -689,6 +1047,8 @@ def run_phase(cfg, phase, model, env, inputs, out_dir) -> dict:
                                          ("metrics", "metrics.jsonl"), ("curves", "curves.png"),
                                          ("pseudo_labels", "pseudo_labels.png"))}
     main_rank = env.rank == 0
+    say = inputs.get("say") or RunLog(out_dir / "log.txt", main_rank)
+    stop = inputs.get("stop") or StopFlag()
     model.train()
     student = _Student(model, cfg.train_backbone).to(env.device)
     unused = freeze_unused(student, env.device)
@@ -712,50 +1072,85 @@ def run_phase(cfg, phase, model, env, inputs, out_dir) -> dict:
     ctx = {"cfg": cfg, "phase": phase, "model": model, "student": student, "teacher": teacher, "params": params,
            "optimizer": optimizer, "scheduler": scheduler, "device": env.device, "rank": env.rank, "world": env.world,
            "predictor": inputs["predictor"] if joint else None, "last": paths["last"], "records": None,
-           "refine_cfg": inputs["refine_cfg"],
+           "refine_cfg": inputs["refine_cfg"], "saved": None,
            "generator": torch.Generator(device=env.device)}
     start = restore_state(paths["last"], ctx) if cfg.resume and paths["last"].is_file() else 0
-    log = MetricsLog(paths["metrics"], main_rank, cfg.tensorboard, keep_until=start if start else None)
+    if start:
+        ctx["saved"] = start
+        if main_rank:
+            say(f"[train] resuming {phase} from iteration {start} ({paths['last']})")
+    log = MetricsLog(paths["metrics"], main_rank, cfg.tensorboard, keep_until=start if cfg.resume else None, say=say)
     p_gen = inputs["p_gen"] if joint else 0.0
     stream = MixedStream(inputs["source"], inputs["generated"] if joint else None, p_gen, _seed(cfg.seed, int(joint)))
     loader = torch.utils.data.DataLoader(stream, batch_size=cfg.batch_size // env.world, collate_fn=_as_list,
                                          sampler=StreamSampler(start, cfg.batch_size, env.rank, env.world),
                                          num_workers=cfg.workers)
     batches = iter(loader)
-    results, window = {}, []
+    results, window, it = {}, [], start
     bar = tqdm(range(start, max_iter), desc=phase, disable=not (cfg.progress and main_rank), dynamic_ncols=True)
-    for it in bar:
-        ctx["generator"].manual_seed(_seed(cfg.seed, int(joint), env.rank, it))  # criterion points: f(iteration)
-        if joint:  # official: EMA step at the start of the forward, from the student after the previous step
-            teacher_step(teacher, model.sem_seg_head, it, cfg.ema_alpha, cfg.ema_every)
-        t0 = time.perf_counter()
-        batch = next(batches)
-        stats = {"time_data": time.perf_counter() - t0, **train_step(ctx, batch, it)}
-        window.append(stats)
-        done = it + 1
-        bar.set_postfix(loss=f"{stats['loss']:.3f}")
-        if done % cfg.log_every == 0 or done == max_iter:
-            mean = {k: sum(s[k] for s in window) / len(window) for k in window[0]}
-            log.write({"phase": phase, "iter": done, "lr": scheduler.get_last_lr()[0], **mean})
-            window = []
-        if cfg.eval_every and (done % cfg.eval_every == 0 or done == max_iter):
-            results = evaluate_sets(model, inputs["eval_sets"], env.device, cfg.progress and main_rank)
-            log.write({"phase": phase, "iter": done, "eval": results})
-            if main_rank:
-                print(f"[{phase} {done}] " + ", ".join(f"{n} {100 * m['mIoU']:.2f}" for n, m in results.items()))
-        if done % cfg.ckpt_every == 0 or done == max_iter:
-            if main_rank:
-                save_state(paths["last"], ctx, done)
-                _write_plots(cfg, ctx, paths)
-    del batches
-    log.close()
+    try:
+        for it in bar:
+            ctx["generator"].manual_seed(_seed(cfg.seed, int(joint), env.rank, it))  # criterion points: f(iteration)
+            if joint:  # official: EMA step at the start of the forward, from the student after the previous step
+                teacher_step(teacher, model.sem_seg_head, it, cfg.ema_alpha, cfg.ema_every)
+            t0 = time.perf_counter()
+            batch = next(batches)
+            stats = {"time_data": time.perf_counter() - t0, **train_step(ctx, batch, it)}
+            window.append(stats)
+            done = it + 1
+            bar.set_postfix(loss=f"{stats['loss']:.3f}")
+            if done % cfg.log_every == 0 or done == max_iter:
+                mean = {k: sum(s[k] for s in window) / len(window) for k in window[0]}
+                log.write({"phase": phase, "iter": done, "lr": scheduler.get_last_lr()[0], **mean})
+                window = []
+            if cfg.eval_every and (done % cfg.eval_every == 0 or done == max_iter):
+                results = evaluate_sets(model, inputs["eval_sets"], env.device, cfg.progress and main_rank)
+                log.write({"phase": phase, "iter": done, "eval": results})
+                if main_rank:
+                    say(f"[{phase} {done}] " + ", ".join(f"{n} {100 * m['mIoU']:.2f}" for n, m in results.items()))
+            stopping = _should_stop(stop, env)
+            if done % cfg.save_every == 0 or done % cfg.ckpt_every == 0 or done == max_iter or stopping:
+                if main_rank:
+                    save_state(paths["last"], ctx, done)
+                    if done % cfg.ckpt_every == 0:  # official PeriodicCheckpointer snapshot (weights only)
+                        clouds.save_checkpoint(out_dir / f"model_{done:07d}.pt", model)
+                    _write_plots(cfg, ctx, paths)
+                ctx["saved"] = done
+            if stopping:
+                name = signal.Signals(stop.signum).name if stop.signum else "a stop signal"
+                msg = f"{name}: saved {paths['last']} at iteration {done}; resume with --resume"
+                if main_rank:
+                    say(f"[train] {msg}", echo=False)  # main prints it
+                raise Interrupted(msg)
+    except KeyboardInterrupt:  # a second Ctrl-C (or one outside the handler): the iteration is not finished
+        kept = f"{paths['last']} (iteration {ctx['saved']}) is kept" if ctx["saved"] is not None else \
+            "no last.pt was saved in this phase yet"
+        msg = f"interrupted inside {phase} iteration {it}: {kept}; resume with --resume"
+        if main_rank:
+            say(f"[train] {msg}", echo=False)  # main prints it
+        raise Interrupted(msg) from None
+    finally:
+        del batches
+        log.close()
     if main_rank:
         clouds.save_checkpoint(paths["model_final"], model)  # official: student only (no teacher, no SAM)
         _write_plots(cfg, ctx, paths)
+        if results:  # the per-class IoU of the phase's last evaluation
+            say(f"[{phase}] per-class IoU (%) at iteration {max_iter}:\n" + evaluate.format_table(results))
     if env.world > 1:
         dist.barrier()
     return {"phase": phase, "iterations": max_iter, "start": start, "p_gen": p_gen, "eval": results,
             **{k: str(v) for k, v in paths.items() if v.is_file() or k == "model_final"}}
+
+
+def _should_stop(stop, env) -> bool:
+    """Whether a signal arrived on any rank (all ranks stop after the same iteration, or the others would hang)."""
+    flag = stop.signum is not None
+    if env.world > 1:
+        t = torch.tensor(float(flag), device=env.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        flag = t.item() > 0
+    return flag
 
 
 def _write_plots(cfg, ctx, paths):
@@ -767,11 +1162,35 @@ def _write_plots(cfg, ctx, paths):
         plot_pseudo_labels(ctx["records"], paths["pseudo_labels"])
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run the configured phase(s). `--phase all`: OUT/warmup, then OUT/joint from the warmup weights."""
+def train(cfg: TrainConfig, notes=()) -> dict:
+    """Run the configured phase(s). `--phase all`: OUT/warmup, then OUT/joint from the warmup weights. The preflight
+    runs first: a run that cannot finish raises Problems before any model is built or any file is written."""
     env = setup_distributed(cfg.device)
     try:
+        info = preflight(cfg, env)
+        out = Path(cfg.out)
+        main_rank = env.rank == 0
+        if main_rank and cfg.overwrite:  # the old run's files go, so nothing stale mixes with the new run
+            for d in {out, *_phase_dirs(cfg).values()}:
+                for name in (*RUN_FILES, "log.txt", "model_final.pt"):
+                    (d / name).unlink(missing_ok=True)
+        say = RunLog(out / "log.txt", main_rank)
+        say(f"[train] {cfg.source} -> {cfg.out}: phase {cfg.phase}, preset {cfg.preset}, iterations "
+            f"{cfg.iters_warmup} warmup / {cfg.iters_joint} joint, batch {cfg.batch_size}, crop {cfg.crop_size}, lr "
+            f"{cfg.lr} ({cfg.schedule}), {info['n_source']} source images, {info['n_generated']} generated (p_gen "
+            f"{info['p_gen']:.3f}), SAM {cfg.sam}, eval {', '.join(cfg.eval_sets) if cfg.eval_every else 'off'}")
+        for line in (*notes, *info["warnings"]):
+            say(f"[train] {line}", err=line.startswith("warning"))
+        record = info["config"]
+        if info["changes"]:
+            changed = {k: [o, n] for k, (o, n) in info["changes"].items()}
+            at = {ph: r["iteration"] for ph, r in info["resume"].items()}
+            record["history"].append({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "resumed_at": at,
+                                      "changed": changed})
+            say("[train] --allow-config-change: from the resumed iteration "
+                + ", ".join(f"{k} {o!r} -> {n!r}" for k, (o, n) in changed.items()), err=True)
         inputs = prepare_inputs(cfg, env)
+        inputs.update(say=say)
         torch.manual_seed(cfg.seed)  # identical random init on every rank (DDP also broadcasts rank 0's weights)
         overrides = {"pretrained": cfg.clip_weights} if cfg.clip_weights else {}
         model = clouds.build_model(cfg.preset, train_backbone=cfg.train_backbone, backbone_bf16=cfg.backbone_bf16,
@@ -779,14 +1198,19 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.weights:
             load_weights(model, cfg.weights)
         model.to(env.device)
-        out = Path(cfg.out)
-        if env.rank == 0:
-            write_json({**asdict(cfg), "p_gen": inputs["p_gen"], "n_source": len(inputs["source"]),
-                        "n_generated": len(inputs["generated"] or ()), "world_size": env.world}, out / "config.json")
+        if main_rank:
+            write_json(record, out / "config.json")
         phases = ("warmup", "joint") if cfg.phase == "all" else (cfg.phase,)
         results = {}
-        for phase in phases:
-            results[phase] = run_phase(cfg, phase, model, env, inputs, out / phase if cfg.phase == "all" else out)
+        with StopFlag() as stop:
+            inputs.update(stop=stop)
+            try:
+                for phase in phases:
+                    results[phase] = run_phase(cfg, phase, model, env, inputs,
+                                               out / phase if cfg.phase == "all" else out)
+            except TrainError as e:
+                say(f"[train] {e}", echo=False)  # main prints it
+                raise
         return {"out": str(out), "config": str(out / "config.json"), "phases": results,
                 "final": results[phases[-1]]["eval"]}
     finally:
@@ -796,13 +1220,6 @@ def train(cfg: TrainConfig) -> dict:
 
 # ---- the offline demo: a three-way ablation on ToyCity ----
 
-DEMO_ROOT = "datasets_toy"
-DEMO_TARGETS = ("cityscapes", "bdd", "mapillary", "acdc_fog", "acdc_night", "acdc_rain", "acdc_snow")
-DEMO = dict(  # toy scale: ToyCity GTA is 263x478 (real / 4); generated toy images are 192x192
-    preset="tiny", train_backbone=True, crop_size=192, scale_min=0.5, scale_max=2.0, test_short_side=256,
-    batch_size=4, lr=5e-4, backbone_multiplier=1.0, schedule="constant", workers=0, log_every=20,
-    eval_sets=DEMO_TARGETS, eval_max=25, ema_every=10)  # random init: higher LR than the official 1e-5, no 0.1x
-DEMO_ITERS = {"warmup": 400, "joint": 200}
 DEMO_NUM_GENERATED = 40  # 40 x 2.0 / (40 x 2.0 + 200 toy GTA) = 28.6%, the official GTA rate (28.7%, §1.6)
 DEMO_ROWS = {"warmup": "warmup (source only)", "source_only": "+ joint, source only",
              "self_training": "+ generated, self-training (no SAM)", "refine": "+ generated + refinement (toy SAM)"}
@@ -838,17 +1255,16 @@ def run_demo(cfg: TrainConfig) -> dict:
     generate.main(["--backend", "toy", "--out", str(gen_dir), "--num-images", str(DEMO_NUM_GENERATED),
                    *([] if cfg.progress else ["--no-progress"])])
     t_data = time.perf_counter() - t_start
-    base = replace(cfg, demo=False, source="gta", data_root=str(root), **DEMO, eval_every=DEMO_ITERS["joint"],
-                   iters_warmup=DEMO_ITERS["warmup"], iters_joint=DEMO_ITERS["joint"])
-    # Sec. 3.3 toy scale: the official 5000 px threshold on 768x768 images is 0.85% of the image; the same share of
-    # a 192x192 toy image is 312 px
-    min_area = round(cfg.sam_min_area * (DEMO["crop_size"] / 768) ** 2)
+    # the toy recipe (RECIPES["toy"], also `--recipe toy`); the demo's own folders are rewritten on every run
+    base = replace(cfg, demo=False, source="gta", resume=False, overwrite=True, **{**RECIPES["toy"],
+                                                                                  "data_root": str(root)})
+    min_area = base.sam_min_area
     runs = {"warmup": replace(base, phase="warmup", out=str(out / "warmup"), eval_every=DEMO_ITERS["warmup"])}
     warm = str(out / "warmup" / "model_final.pt")
     joint = replace(base, phase="joint", weights=warm, synthetic=str(gen_dir))
     runs["source_only"] = replace(joint, out=str(out / "source_only"), p_gen=0.0, sam="none")
     runs["self_training"] = replace(joint, out=str(out / "self_training"), sam="none")
-    runs["refine"] = replace(joint, out=str(out / "refine"), sam="toy", sam_min_area=min_area)
+    runs["refine"] = replace(joint, out=str(out / "refine"), sam="toy")
     results, timings = {}, {}
     for name, run_cfg in runs.items():
         t0 = time.perf_counter()
@@ -883,9 +1299,18 @@ def markdown_table(table: dict, caption: str) -> str:
 
 
 def main(argv=None) -> dict:
-    """Train (or, with --demo, run the ToyCity ablation). Returns the summary dict (final metrics, paths)."""
-    cfg = parse_config(argv)
-    return run_demo(cfg) if cfg.demo else train(cfg)
+    """Train (or, with --demo, run the ToyCity ablation). Returns the summary dict (final metrics, paths).
+
+    A run that cannot start prints ONE message listing every problem and exits 2 (usage errors too, via argparse); a
+    run stopped on bad state exits 1; Ctrl-C / SIGTERM saves last.pt and exits 130. --debug shows the tracebacks."""
+    cfg, notes = parse_args(argv)
+    try:
+        return run_demo(cfg) if cfg.demo else train(cfg, notes)
+    except (Problems, TrainError, Interrupted) as e:
+        if cfg.debug:
+            raise
+        print(f"train.py: {e}" if not isinstance(e, Problems) else e, file=sys.stderr, flush=True)
+        raise SystemExit(2 if isinstance(e, Problems) else 130 if isinstance(e, Interrupted) else 1) from None
 
 
 if __name__ == "__main__":

@@ -728,6 +728,7 @@ def run_phase(cfg, phase, model, env, inputs, out_dir) -> dict:
         ctx["generator"].manual_seed(_seed(cfg.seed, int(joint), env.rank, it))  # criterion points: f(iteration)
         if joint:  # official: EMA step at the start of the forward, from the student after the previous step
             teacher_step(teacher, model.sem_seg_head, it, cfg.ema_alpha, cfg.ema_every)
+        lr = scheduler.get_last_lr()[0]  # the LR of this iteration, logged with it (detectron2 logs it before the step)
         t0 = time.perf_counter()
         batch = next(batches)
         stats = {"time_data": time.perf_counter() - t0, **train_step(ctx, batch, it)}
@@ -736,7 +737,7 @@ def run_phase(cfg, phase, model, env, inputs, out_dir) -> dict:
         bar.set_postfix(loss=f"{stats['loss']:.3f}")
         if done % cfg.log_every == 0 or done == max_iter:
             mean = {k: sum(s[k] for s in window) / len(window) for k in window[0]}
-            log.write({"phase": phase, "iter": done, "lr": scheduler.get_last_lr()[0], **mean})
+            log.write({"phase": phase, "iter": done, "lr": lr, **mean})
             window = []
         if cfg.eval_every and (done % cfg.eval_every == 0 or done == max_iter):
             results = evaluate_sets(model, inputs["eval_sets"], env.device, cfg.progress and main_rank)

@@ -181,7 +181,7 @@ def test_generated_samples_have_known_content(runs):
                 if not s["generated"]:
                     continue
                 n_gen += 1
-                disk = torch.from_numpy(np.asarray(Image.open(s["path"]).convert("RGB"))).permute(2, 0, 1)
+                disk = torch.from_numpy(np.array(Image.open(s["path"]).convert("RGB"))).permute(2, 0, 1)
                 assert torch.equal(s["image"], disk) or torch.equal(s["image"], disk.flip(-1)), s["path"]
                 assert torch.equal(s["image_aug"], 255 - s["image"]), s["path"]
     assert n_gen >= 3  # the mixed batches really hold generated samples

@@ -108,11 +108,10 @@ def applicable(entry, root: Path = ROOT) -> str:
 
 
 def _first_failure(output: str) -> str:
-    m = re.search(r"^(?:FAILED|ERROR) (\S+)", output, re.M)
-    if m:
-        return m.group(1)
-    m = re.search(r"^E +(.+)$", output, re.M)
-    return m.group(1)[:80] if m else ""
+    """'tests/x.py::test_y: first E line' from pytest's output (either part may be missing)."""
+    test = re.search(r"^(?:FAILED|ERROR) (\S+)", output, re.M)
+    error = re.search(r"^E +(.+)$", output, re.M)
+    return ": ".join(m.group(1)[:100] for m in (test, error) if m)
 
 
 def run_one(entry, timeout: float, root: Path = ROOT) -> dict:

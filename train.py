@@ -1095,13 +1095,14 @@ def run_phase(cfg, phase, model, env, inputs, out_dir) -> dict:
                 teacher_step(teacher, model.sem_seg_head, it, cfg.ema_alpha, cfg.ema_every)
             t0 = time.perf_counter()
             batch = next(batches)
+            lr = scheduler.get_last_lr()[0]  # the LR of this iteration, logged with it (detectron2: before the step)
             stats = {"time_data": time.perf_counter() - t0, **train_step(ctx, batch, it)}
             window.append(stats)
             done = it + 1
             bar.set_postfix(loss=f"{stats['loss']:.3f}")
             if done % cfg.log_every == 0 or done == max_iter:
                 mean = {k: sum(s[k] for s in window) / len(window) for k in window[0]}
-                log.write({"phase": phase, "iter": done, "lr": scheduler.get_last_lr()[0], **mean})
+                log.write({"phase": phase, "iter": done, "lr": lr, **mean})
                 window = []
             if cfg.eval_every and (done % cfg.eval_every == 0 or done == max_iter):
                 results = evaluate_sets(model, inputs["eval_sets"], env.device, cfg.progress and main_rank)

@@ -1,0 +1,220 @@
+"""Mutation testing by hand-written one-line bugs: does the test suite notice when the method is broken?
+
+A developer tool, not a CI test. For each entry of MUTATIONS (name, file, old, new, test files) it copies the repo's
+files (git-tracked plus untracked, not ignored) to a temp dir, replaces the exact string `old` by `new` in `file`
+(it must occur exactly once), runs the listed tests there with `pytest -x -q` under a timeout, and prints a table:
+killed (a test failed: good), survived (every test passed: a gap in the tests) or why it could not run. The working
+tree is never modified.
+
+Usage:
+    python tests/mutate.py --list                      # the entries and whether their pattern still applies
+    python tests/mutate.py                             # run them all, one at a time
+    python tests/mutate.py --only ema_only_at_iteration_0 -k pixel --timeout 900
+
+Adding an entry: a tuple in MUTATIONS; `old` is copied verbatim from the file (enough of the line to be unique),
+`new` is the bug; the test files (or pytest node ids) are the ones that should kill it, cheapest first. A test file
+that does not exist yet is skipped with a note; an `old` that is no longer in the file prints NOT APPLICABLE: update
+the entry after a refactor rather than deleting it.
+"""
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CLOUDS_TESTS = ("tests/test_golden.py", "tests/test_clouds.py")
+WIRING = "tests/test_wiring.py"
+DDP = f"{WIRING}::test_ddp_first_step_gradients_match_single_process"
+
+# (name, file, old, new, test files or node ids)
+MUTATIONS = [
+    # ---- clouds.py: the model (caught by the golden outputs) ----
+    ("masked_attention_inverted", "clouds.py",  # Mask2Former: a query attends where its mask is >= 0.5
+     "m = (m.sigmoid().flatten(2) < 0.5).detach()", "m = (m.sigmoid().flatten(2) > 0.5).detach()", CLOUDS_TESTS),
+    ("msdeform_normalizer_hw", "clouds.py",  # offsets are in pixels, normalized by (w, h) of each level
+     "normalizer = torch.tensor([[w, h] for h, w in shapes]", "normalizer = torch.tensor([[h, w] for h, w in shapes]",
+     CLOUDS_TESTS),
+    ("matcher_class_mask_weights_swapped", "clouds.py",  # official cost_class 2, cost_mask 5
+     "C = self.cost_mask * cost_mask + self.cost_class * cost_class",
+     "C = self.cost_class * cost_mask + self.cost_mask * cost_class", CLOUDS_TESTS),
+    ("no_object_weight_1", "clouds.py",  # official NO_OBJECT_WEIGHT 0.1
+     "empty_weight[-1] = eos_coef", "empty_weight[-1] = 1.0", CLOUDS_TESTS),
+    ("dice_numerator_smoothing_dropped", "clouds.py",  # Mask2Former dice: (2 p.t + 1) / (p + t + 1)
+     "loss_dice = (1 - (2 * (p * t).sum(1) + 1) /", "loss_dice = (1 - (2 * (p * t).sum(1)) /", CLOUDS_TESTS),
+    ("pixel_mean_bgr", "clouds.py",  # official MODEL.PIXEL_MEAN is the CLIP mean in RGB order
+     "PIXEL_MEAN = (122.7709383, 116.7460125, 104.09373615)", "PIXEL_MEAN = (104.09373615, 116.7460125, 122.7709383)",
+     (f"{WIRING}::test_pixel_normalization_is_clip_rgb", *CLOUDS_TESTS)),
+    # ---- train.py: phase-B wiring (reference §4) ----
+    ("teacher_fed_jittered_image", "train.py",  # §4.3: the teacher predicts on the clean flipped image
+     'images = pad_batch([s["image"] for s in samples], 0)', 'images = pad_batch([s["image_aug"] for s in samples], 0)',
+     (WIRING,)),
+    ("sam_fed_jittered_image", "train.py",  # §4.3: SAM refines on the clean flipped image
+     'image = s["image"].permute(1, 2, 0).numpy()', 'image = s["image_aug"].permute(1, 2, 0).numpy()', (WIRING,)),
+    ("teacher_and_sam_fed_jittered_image", "data.py",  # §1.7: `image` stays un-jittered (teacher and SAM input)
+     'return {**sample, "image": _to_chw(img), "image_aug": _to_chw(aug)',
+     'return {**sample, "image": _to_chw(aug), "image_aug": _to_chw(aug)', (WIRING,)),
+    ("student_fed_clean_image", "train.py",  # §4.3: the student sees image_aug for generated samples
+     'pad_batch([s["image_aug"] if s["generated"] else s["image"] for s in batch], 0)',
+     'pad_batch([s["image"] for s in batch], 0)', (WIRING,)),
+    ("ema_only_at_iteration_0", "train.py",  # §4.1: an EMA step every ITERATION_UPDATE iterations
+     "        if joint:  # official: EMA step", "        if joint and it == 0:  # official: EMA step",
+     (f"{WIRING}::test_saved_teacher_is_the_closed_form_ema_of_the_student",)),
+    ("ema_alpha_swapped", "train.py",  # §4.1: theta_t <- 0.999 theta_t + 0.001 theta_s
+     "t.mul_(alpha).add_(s.detach(), alpha=1.0 - alpha)", "t.mul_(1.0 - alpha).add_(s.detach(), alpha=alpha)",
+     (f"{WIRING}::test_saved_teacher_is_the_closed_form_ema_of_the_student",)),
+    ("ema_every_ignored", "train.py",  # --ema-every (official ITERATION_UPDATE 100) sets the period
+     "    if it % every == 0:", "    if it % 100 == 0:",
+     (f"{WIRING}::test_saved_teacher_is_the_closed_form_ema_of_the_student",)),
+    ("ddp_loss_times_world_size", "train.py",  # DDP averages gradients: a rank must not rescale its loss
+     "    loss = sum(losses.values())", '    loss = sum(losses.values()) * ctx["world"]', (DDP,)),
+    ("poly_power_1", "train.py",  # official WarmupPolyLR power 0.9
+     "return max(1.0 - it / max(self.max_iter, 1), 0.0) ** self.power",
+     "return max(1.0 - it / max(self.max_iter, 1), 0.0) ** 1.0",
+     (f"{WIRING}::test_logged_lr_is_the_lr_used_by_that_iteration",)),
+    ("lr_logged_after_step", "train.py",  # metrics.jsonl logs the LR of the iteration it reports
+     '"iter": done, "lr": lr,', '"iter": done, "lr": scheduler.get_last_lr()[0],',
+     (f"{WIRING}::test_logged_lr_is_the_lr_used_by_that_iteration",)),
+    ("clip_norm_ignored", "train.py",  # official CLIP_GRADIENTS full_model L2 0.01 (--clip-grad)
+     "clip_grad_norm_(ctx[\"params\"], cfg.clip_grad)", "clip_grad_norm_(ctx[\"params\"], 10 * cfg.clip_grad)",
+     (f"{WIRING}::test_gradients_are_clipped_at_clip_grad",)),
+]
+
+
+def repo_files(root: Path) -> list:
+    """Tracked files plus untracked ones that git does not ignore (a new test file counts before its commit)."""
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=root,
+                         check=True, capture_output=True).stdout.decode()
+    return [f for f in out.split("\0") if f and (root / f).is_file()]
+
+
+def applicable(entry, root: Path = ROOT) -> str:
+    """'' when `old` occurs exactly once in the file, else the reason the entry cannot run."""
+    name, file, old, new, _ = entry
+    path = root / file
+    if not path.is_file():
+        return f"NOT APPLICABLE (no file {file}: update the entry)"
+    n = path.read_text().count(old)
+    if n == 0:
+        return "NOT APPLICABLE (pattern not found: update the entry)"
+    if n > 1:
+        return f"NOT APPLICABLE (pattern found {n} times: make `old` unique)"
+    return ""
+
+
+def _first_failure(output: str) -> str:
+    """'tests/x.py::test_y: first E line' from pytest's output (either part may be missing)."""
+    test = re.search(r"^(?:FAILED|ERROR) (\S+)", output, re.M)
+    error = re.search(r"^E +(.+)$", output, re.M)
+    return ": ".join(m.group(1)[:100] for m in (test, error) if m)
+
+
+def run_one(entry, timeout: float, root: Path = ROOT) -> dict:
+    """Apply one mutation in a fresh copy of the repo, run its tests, return {name, status, first_failure, seconds,
+    notes}. status: killed | survived | timeout (counted as killed) | NOT APPLICABLE ... | NO TESTS | ERROR ..."""
+    name, file, old, new, tests = entry
+    row = {"name": name, "file": file, "status": "", "first_failure": "", "seconds": 0.0, "notes": []}
+    reason = applicable(entry, root)
+    if reason:
+        row["status"] = reason
+        return row
+    present = []
+    for t in tests:
+        if (root / t.split("::")[0]).is_file():
+            present.append(t)
+        else:
+            row["notes"].append(f"skipped {t.split('::')[0]} (does not exist)")
+    if not present:
+        row["status"] = "NO TESTS"
+        return row
+    with tempfile.TemporaryDirectory(prefix=f"mutate_{name}_") as tmp:
+        tmp = Path(tmp)
+        for f in repo_files(root):
+            (tmp / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / f, tmp / f)
+        path = tmp / file
+        path.write_text(path.read_text().replace(old, new, 1))
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *present]
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            row.update(status="timeout", seconds=round(time.perf_counter() - t0, 1))
+            return row
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        output = proc.stdout + proc.stderr
+        if proc.returncode == 0:
+            row["status"] = "survived"
+        elif proc.returncode == 1:
+            row.update(status="killed", first_failure=_first_failure(output))
+        else:  # 2 interrupted (e.g. a collection error), 4 usage error, 5 no tests collected
+            row.update(status=f"ERROR (pytest exit {proc.returncode})", first_failure=_first_failure(output))
+    return row
+
+
+def format_table(rows) -> str:
+    lines = [f"{'mutation':<36} {'result':<10} {'s':>6}  first failing test / note"]
+    for r in rows:
+        detail = r["first_failure"] or "; ".join(r["notes"])
+        if r["first_failure"] and r["notes"]:
+            detail += f"  ({'; '.join(r['notes'])})"
+        lines.append(f"{r['name']:<36} {r['status']:<10} {r['seconds']:>6.0f}  {detail}")
+    return "\n".join(lines)
+
+
+def select(entries, only=(), keyword=None) -> list:
+    names = {e[0] for e in entries}
+    unknown = sorted(set(only) - names)
+    if unknown:
+        raise SystemExit(f"unknown mutation(s) {unknown}; valid: {', '.join(e[0] for e in entries)} (see --list)")
+    out = [e for e in entries if (not only or e[0] in only) and (keyword is None or keyword in e[0])]
+    if not out:
+        raise SystemExit(f"no mutation matches --only {list(only)} -k {keyword!r}; see --list")
+    return out
+
+
+def main(argv=None) -> list:
+    """Run the selected mutations; returns the rows (dicts) of the printed table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--list", action="store_true", help="list the entries and whether they apply, run nothing")
+    parser.add_argument("--only", action="append", default=[], metavar="NAME", help="run this entry (repeatable)")
+    parser.add_argument("-k", dest="keyword", default=None, help="run the entries whose name contains this string")
+    parser.add_argument("--jobs", type=int, default=1, help="mutations run in parallel (each in its own copy)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per mutation (a timeout counts as "
+                        "killed: the suite noticed something)")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
+    entries = select(MUTATIONS, args.only, args.keyword)
+    if args.list:
+        for e in entries:
+            print(f"{e[0]:<36} {e[1]:<9} {applicable(e) or 'ok':<10} tests: {', '.join(e[4])}")
+        return [{"name": e[0], "file": e[1], "status": applicable(e) or "ok"} for e in entries]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    if args.jobs == 1:
+        rows = []
+        for e in entries:
+            rows.append(run_one(e, args.timeout))
+            print(format_table(rows[-1:]).splitlines()[1], flush=True)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(args.jobs) as pool:
+            rows = list(pool.map(lambda e: run_one(e, args.timeout), entries))
+    print()
+    print(format_table(rows))
+    survived = [r["name"] for r in rows if r["status"] == "survived"]
+    print(f"\n{sum(r['status'] in ('killed', 'timeout') for r in rows)} killed, {len(survived)} survived"
+          + (f" ({', '.join(survived)})" if survived else "") + f", {len(rows)} entries")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -104,13 +104,15 @@ class SamPointPredictor:
         model: a `Sam` module (segment_anything's or mobile_sam's).
         predictor_cls: the matching `SamPredictor` class (default: segment_anything's).
         chunk_size: prompts per `predict_torch` call (bounds memory).
+        torch_image: resize the image with torch on the model's device (set_torch_image) instead of SAM's numpy/PIL
+            path; None = when the model is on a GPU.
     """
 
-    def __init__(self, model, predictor_cls=None, chunk_size: int = 64):
+    def __init__(self, model, predictor_cls=None, chunk_size: int = 64, torch_image=None):
         if predictor_cls is None:
             from segment_anything import SamPredictor as predictor_cls
         self.predictor = predictor_cls(model)
-        self.chunk_size = chunk_size
+        self.chunk_size, self.torch_image = chunk_size, torch_image
 
     def set_image(self, image):
         """image: uint8 RGB (H, W, 3) numpy or tensor, or a (3, H, W) tensor, on any device. Runs the image encoder
@@ -118,7 +120,7 @@ class SamPointPredictor:
         `SamPredictor.set_image`; a model on a GPU takes the torch path (set_torch_image after apply_image_torch) on
         the model's device, so the image never visits the host (when it is already there)."""
         pred = self.predictor
-        if pred.device.type == "cpu":
+        if not (pred.device.type != "cpu" if self.torch_image is None else self.torch_image):
             pred.set_image(_hwc_numpy(image))
             return
         image = torch.as_tensor(image).to(pred.device, non_blocking=True)
@@ -128,9 +130,13 @@ class SamPointPredictor:
         if image.shape[0] != 3 or image.shape[-1] == 3:
             image = image.permute(2, 0, 1)                                     # (H, W, 3) -> (3, H, W)
         size = tuple(image.shape[-2:])
-        # ResizeLongestSide on the device: antialiased bilinear (torch's port of PIL's filter), rounded back to the
-        # uint8 grid that apply_image's PIL resize returns; it may differ from PIL by one grey level at some pixels
-        x = pred.transform.apply_image_torch(image[None].float()).round_().clamp_(0, 255)  # (1, 3, h', w')
+        # ResizeLongestSide.apply_image_torch on the device: antialiased bilinear (torch's port of PIL's filter),
+        # rounded back to the uint8 grid that apply_image's PIL resize returns (it may differ from PIL by one grey
+        # level at some pixels). Written out because segment_anything's apply_image_torch reads the size from the
+        # batch and channel dims (shape[0], shape[1]); mobile_sam's copy reads shape[2], shape[3] as here.
+        t = pred.transform
+        x = F.interpolate(image[None].float(), t.get_preprocess_shape(*size, t.target_length), mode="bilinear",
+                          align_corners=False, antialias=True).round_().clamp_(0, 255)  # (1, 3, h', w')
         pred.set_torch_image(x, size)
 
     @torch.no_grad()

@@ -231,7 +231,8 @@ def evaluate_model(model, dataset, device="cpu", progress: bool = True, save_dir
     try:
         for sample in tqdm(loader, total=len(indices), desc=desc, disable=not progress or rank > 0):
             label = sample["label"].to(device, non_blocking=True)
-            pred = model.predict(sample["image"][None].to(device, non_blocking=True))  # §8.1: batch 1, whole image, (1, H, W)
+            image = sample["image"][None].to(device, non_blocking=True)
+            pred = model.predict(image)  # §8.1: batch 1, whole image, (1, H, W)
             if tuple(pred.shape) != (1, *label.shape):
                 raise RuntimeError(f"model.predict returned {tuple(pred.shape)} for {sample['path']}; expected "
                                    f"(1, {label.shape[0]}, {label.shape[1]})")

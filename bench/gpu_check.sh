@@ -203,7 +203,7 @@ cfg = refine.RefineConfig(min_area=100 if dry else 5000)  # official SIZE_THRESH
 for name in ("vit_t", "vit_h"):
     torch.manual_seed(0)
     if dry:
-        model, registry = tiny_sam(), "segment_anything (tiny stand-in)"
+        model, registry, SamPredictor = tiny_sam(), "segment_anything (tiny stand-in)", None
     else:
         if name == "vit_t":
             from mobile_sam import SamPredictor, sam_model_registry
@@ -212,7 +212,7 @@ for name in ("vit_t", "vit_h"):
         with torch.device(device):
             model = sam_model_registry[name](checkpoint=None)
         registry = SamPredictor.__module__.split(".")[0]
-    pred = refine.SamPointPredictor(model.to(device).eval())
+    pred = refine.SamPointPredictor(model.to(device).eval(), SamPredictor)  # GPU: the torch image path
     times = []
     for _ in range(4):
         if device == "cuda":

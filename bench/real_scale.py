@@ -128,10 +128,13 @@ def summarize(records: list) -> dict:
     recs = records[1:] or records
     med = {k: statistics.median(r[k] for r in recs) for k in ("time_iter", "cpu_iter", "time_data", "time_teacher",
                                                                 "time_refine", "time_student")}
-    n_gen = sum(r["n_gen"] for r in recs)
-    med["n_gen"] = n_gen
-    # teacher + refinement seconds per generated sample (both grow with the number of generated samples)
-    med["pseudo_per_gen"] = sum(r["time_teacher"] + r["time_refine"] for r in recs) / n_gen if n_gen else None
+    med["n_gen"] = sum(r["n_gen"] for r in recs)
+    # teacher + refinement seconds per generated sample (both grow with the number of generated samples); from the
+    # first iteration too when the later ones drew no generated sample (then it includes one-time costs)
+    gen = [r for r in recs if r["n_gen"]] or [r for r in records if r["n_gen"]]
+    med["pseudo_from_first"] = bool(gen) and not any(r["n_gen"] for r in recs)
+    med["pseudo_per_gen"] = (sum(r["time_teacher"] + r["time_refine"] for r in gen) / sum(r["n_gen"] for r in gen)
+                             if gen else None)
     med["iters"] = len(records)
     return med
 

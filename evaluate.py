@@ -262,16 +262,18 @@ def evaluate_model(model, dataset, device="cpu", progress: bool = True, save_dir
     """
     rank, world = _dist_info()
     indices = list(range(rank, len(dataset), world))
+    cuda = torch.device(device).type == "cuda"
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=None,
-                                         num_workers=num_workers)
+                                         num_workers=num_workers, pin_memory=cuda)  # pinned: asynchronous copies
     was_training = getattr(model, "training", False)
     model.eval()
     conf = torch.zeros(data.NUM_CLASSES, data.NUM_CLASSES, dtype=torch.int64, device=device)
     desc = f"eval {getattr(dataset, 'name', '')}"
     try:
         for sample in tqdm(loader, total=len(indices), desc=desc, disable=not progress or rank > 0):
-            label = sample["label"].to(device)
-            pred = model.predict(sample["image"][None].to(device))  # §8.1: batch 1, whole image, (1, H, W)
+            label = sample["label"].to(device, non_blocking=True)
+            image = sample["image"][None].to(device, non_blocking=True)
+            pred = model.predict(image)  # §8.1: batch 1, whole image, (1, H, W)
             if tuple(pred.shape) != (1, *label.shape):
                 raise RuntimeError(f"model.predict returned {tuple(pred.shape)} for {sample['path']}; expected "
                                    f"(1, {label.shape[0]}, {label.shape[1]})")

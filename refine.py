@@ -109,17 +109,40 @@ class SamPointPredictor:
         model: a `Sam` module (segment_anything's or mobile_sam's).
         predictor_cls: the matching `SamPredictor` class (default: segment_anything's).
         chunk_size: prompts per `predict_torch` call (bounds memory).
+        torch_image: resize the image with torch on the model's device (set_torch_image) instead of SAM's numpy/PIL
+            path; None = when the model is on a GPU.
     """
 
-    def __init__(self, model, predictor_cls=None, chunk_size: int = 64):
+    def __init__(self, model, predictor_cls=None, chunk_size: int = 64, torch_image=None):
         if predictor_cls is None:
             from segment_anything import SamPredictor as predictor_cls
         self.predictor = predictor_cls(model)
-        self.chunk_size = chunk_size
+        self.chunk_size, self.torch_image = chunk_size, torch_image
 
-    def set_image(self, image: np.ndarray):
-        """image: uint8 (H, W, 3) RGB. Runs the image encoder once."""
-        self.predictor.set_image(_hwc_numpy(image))
+    def set_image(self, image):
+        """image: uint8 RGB (H, W, 3) numpy or tensor, or a (3, H, W) tensor, on any device. Runs the image encoder
+        once. A model on the CPU takes segment_anything's own numpy path (PIL resize), bit-identical to
+        `SamPredictor.set_image`; a model on a GPU takes the torch path (set_torch_image after apply_image_torch) on
+        the model's device, so the image never visits the host (when it is already there)."""
+        pred = self.predictor
+        if not (pred.device.type != "cpu" if self.torch_image is None else self.torch_image):
+            pred.set_image(_hwc_numpy(image))
+            return
+        image = torch.as_tensor(image).to(pred.device, non_blocking=True)
+        if image.dim() != 3 or image.dtype != torch.uint8 or 3 not in (image.shape[0], image.shape[-1]):
+            raise ValueError(f"expected a uint8 RGB image (H, W, 3) or (3, H, W), got {image.dtype} "
+                             f"{tuple(image.shape)}")
+        if image.shape[0] != 3 or image.shape[-1] == 3:
+            image = image.permute(2, 0, 1)                                     # (H, W, 3) -> (3, H, W)
+        size = tuple(image.shape[-2:])
+        # ResizeLongestSide.apply_image_torch on the device: antialiased bilinear (torch's port of PIL's filter),
+        # rounded back to the uint8 grid that apply_image's PIL resize returns (it may differ from PIL by one grey
+        # level at some pixels). Written out because segment_anything's apply_image_torch reads the size from the
+        # batch and channel dims (shape[0], shape[1]); mobile_sam's copy reads shape[2], shape[3] as here.
+        t = pred.transform
+        x = F.interpolate(image[None].float(), t.get_preprocess_shape(*size, t.target_length), mode="bilinear",
+                          align_corners=False, antialias=True).round_().clamp_(0, 255)  # (1, 3, h', w')
+        pred.set_torch_image(x, size)
 
     @torch.no_grad()
     def predict_points(self, points, multimask: bool = True):
@@ -333,14 +356,17 @@ def refine_pseudo_label(image, label, predictor, cfg: RefineConfig = None, gener
     """Sec. 3.3 / §5.2-5.3: refine one teacher label map with a point predictor.
 
     Args:
-        image: uint8 RGB (H, W, 3) numpy or tensor, or a (3, H, W) tensor: the clean image the teacher saw.
-        label: int (H, W) teacher argmax in {0..18} (255 = ignore, excluded from components).
+        image: uint8 RGB (H, W, 3) numpy or tensor, or a (3, H, W) tensor: the clean image the teacher saw (a
+            tensor on SAM's device lets a GPU SamPointPredictor skip the host).
+        label: int (H, W) teacher argmax in {0..18} (255 = ignore, excluded from components), numpy or a tensor on
+            any device: components, points and the merge run on its device (csrc/ CUDA ops for a CUDA label).
         predictor: a point predictor (see module docstring).
         cfg: RefineConfig (official defaults).
-        generator: torch.Generator for the random points.
+        generator: CPU torch.Generator for the random points (its uniforms are moved to the label's device, so a
+            seed gives the same points on every device).
     Returns:
-        classes int64 (K,) ascending, masks bool (K, H, W). Without any prompted component: the unrefined teacher
-        masks (one per class present).
+        classes int64 (K,) ascending, masks bool (K, H, W), on the label's device. Without any prompted component:
+        the unrefined teacher masks (one per class present).
     """
     classes, masks, _ = _refine(image, label, predictor, cfg or RefineConfig(), generator)
     return classes, masks
@@ -348,6 +374,8 @@ def refine_pseudo_label(image, label, predictor, cfg: RefineConfig = None, gener
 
 def _refine(image, label, predictor, cfg: RefineConfig, generator):
     """refine_pseudo_label plus a flag: False when it fell back to the teacher masks."""
+    # the label's device is the device of the whole refinement: components, points (uniforms drawn from the CPU
+    # generator, then moved: the same points on every device), SAM's masks (on SAM's device), the merge, the result
     label = label.long() if isinstance(label, torch.Tensor) else torch.as_tensor(np.asarray(label)).long()
     # §5.2.1: per-class connected components (4-connectivity, like scipy.ndimage.label's default)
     components, comp_class, comp_area = ops.connected_components(label, connectivity=cfg.connectivity,
@@ -362,8 +390,8 @@ def _refine(image, label, predictor, cfg: RefineConfig, generator):
     # §5.3.1-2: one batched call, 3 candidates per prompt, keep the highest predicted IoU
     predictor.set_image(image)
     masks, scores = predictor.predict_points(points, multimask=True)          # (P, M, H, W), (P, M)
-    best = scores.argmax(1)
-    selected = masks[torch.arange(len(best)), best].bool()                    # (P, H, W)
+    best = scores.argmax(1).to(masks.device)
+    selected = masks[torch.arange(len(best), device=masks.device), best].bool()  # (P, H, W), on SAM's device
     if cfg.rm_intersection:  # §5.3.3: pixels claimed by two or more masks leave all of them
         selected &= (selected.sum(0, dtype=torch.int16) < 2)[None]
     # official bug (reference §9.7): classes were re-assigned from per-class component counts that included
@@ -375,7 +403,8 @@ def _refine(image, label, predictor, cfg: RefineConfig, generator):
 
 
 def pseudo_label_target(image, label, predictor, cfg: RefineConfig = None, generator=None) -> dict:
-    """Criterion target {"labels" int64 (K,), "masks" bool (K,H,W), "valid" bool (H,W)}.
+    """Criterion target {"labels" int64 (K,), "masks" bool (K,H,W), "valid" bool (H,W)}, on the label's device
+    (same arguments as refine_pseudo_label).
 
     "valid" (the union of the masks) is present only when cfg.uncovered == "ignore" and SAM refined the image;
     the official behaviour ("drop") leaves uncovered pixels as negatives for every mask.
@@ -389,11 +418,14 @@ def pseudo_label_target(image, label, predictor, cfg: RefineConfig = None, gener
 
 
 def label_map(classes, masks, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Per-class masks -> int64 (H, W) train-id map; uncovered pixels = ignore_index; overlaps: the later class."""
-    out = torch.full(masks.shape[1:], ignore_index, dtype=torch.int64)
-    for c, m in zip(classes.tolist(), masks):
-        out[m] = c
-    return out
+    """Per-class masks -> int64 (H, W) train-id map on the masks' device; uncovered pixels = ignore_index; overlaps:
+    the later class."""
+    classes, masks = torch.as_tensor(classes), torch.as_tensor(masks)
+    out = torch.full(masks.shape[1:], ignore_index, dtype=torch.int64, device=masks.device)
+    if len(classes) == 0:
+        return out
+    last = len(classes) - 1 - masks.flip(0).to(torch.uint8).argmax(0)     # (H, W) last mask holding each pixel
+    return torch.where(masks.any(0), classes.to(masks.device).long()[last], out)
 
 
 # ---- CLI ----

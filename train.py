@@ -159,6 +159,9 @@ class TrainConfig:
     progress: bool = True                 # tqdm bars
     demo: bool = False                    # run the offline ToyCity ablation instead (run_demo; rewrites its runs)
     demo_out: str = "runs/demo"           # demo output folder
+    # speed (ours)
+    tf32: bool = True                     # TF32 matmuls/convs on CUDA; on: the official torch 1.9 default (§9.13)
+    profile: bool = False                 # CUDA-synchronized time_teacher/refine/student (extra syncs); off: host times
 
     def __post_init__(self):
         def allowed(name, value, valid):
@@ -446,30 +449,32 @@ def load_weights(model, path):
 # ---- one training iteration ----
 
 
-def pseudo_targets(model, teacher, samples, predictor, refine_cfg, device, keep_records=False):
+def pseudo_targets(model, teacher, samples, predictor, refine_cfg, device, keep_records=False, profile=False):
     """Reference §4.4 steps 3-4 for the generated samples: the teacher's semantic argmax on the clean flipped images
     (shared backbone, no confidence threshold), then SAM refinement, or with --sam none the dense teacher masks (§4.2).
 
-    Returns (targets, records, teacher seconds, refinement seconds); records = (image, teacher label, refined label)
-    uint8/int64 numpy triples when keep_records.
+    Everything stays on `device` (SAM's masks on the predictor's); targets are on `device`. Returns (targets,
+    records, teacher seconds, refinement seconds); records = (image uint8 numpy (h, w, 3), teacher label, refined
+    label int64 (h, w) tensors on the device) when keep_records. The seconds are CUDA-synchronized only when
+    `profile` (otherwise host time: kernels still queued are not counted).
     """
-    t0 = _sync(device)
-    images = pad_batch([s["image"] for s in samples], 0).to(device)
-    labels = model.predict(images, head=teacher).cpu()  # (G, H, W) int64
-    t1 = _sync(device)
+    t0 = _sync(device, profile)
+    images = pad_batch([s["image"].to(device, non_blocking=True) for s in samples], 0)  # (G, 3, H, W) on the device
+    labels = model.predict(images, head=teacher)  # (G, H, W) int64, stays on the device
+    t1 = _sync(device, profile)
     targets, records = [], []
-    for s, label in zip(samples, labels):
-        image = s["image"].permute(1, 2, 0).numpy()  # (h, w, 3) uint8, the clean flipped image
-        label = label[:image.shape[0], :image.shape[1]]
+    for s, image, label in zip(samples, images, labels):
+        h, w = s["image"].shape[-2:]
+        image, label = image[:, :h, :w], label[:h, :w]  # (3, h, w) uint8 clean flipped image, (h, w) on the device
         if predictor is None:
             t = clouds.targets_from_label(label)
-        else:  # Sec. 3.3: SAM refinement; the points come from a generator seeded per sample (rank-independent)
+        else:  # Sec. 3.3: SAM refinement; the points come from a CPU generator seeded per sample (rank-independent)
             generator = torch.Generator().manual_seed(s["refine_seed"])
-            t = refine.pseudo_label_target(image, label, predictor, refine_cfg, generator)
+            t = refine.pseudo_label_target(image, label, predictor, refine_cfg, generator)  # on the device
         targets.append(t)
-        if keep_records:
-            records.append((image, label.numpy(), refine.label_map(t["labels"], t["masks"]).numpy()))
-    return targets, records, t1 - t0, time.perf_counter() - t1
+        if keep_records:  # device tensors; plot_pseudo_labels (data.colorize) copies them to the host when it draws
+            records.append((s["image"].permute(1, 2, 0).numpy(), label, refine.label_map(t["labels"], t["masks"])))
+    return targets, records, t1 - t0, _sync(device, profile) - t1
 
 
 def _pad_target(t, size):
@@ -477,13 +482,15 @@ def _pad_target(t, size):
     marked not `valid` (left out of the mask losses)."""
     if tuple(t["masks"].shape[-2:]) == tuple(size):
         return t
-    valid = t.get("valid", torch.ones(t["masks"].shape[-2:], dtype=torch.bool))
+    valid = t.get("valid", torch.ones(t["masks"].shape[-2:], dtype=torch.bool, device=t["masks"].device))
     return {"labels": t["labels"], "masks": pad_batch([t["masks"]], False, size)[0],
             "valid": pad_batch([valid], False, size)[0]}
 
 
-def _sync(device):
-    if device.type == "cuda":
+def _sync(device, profile=True):
+    """time.perf_counter(), after waiting for the device's queued kernels when `profile` (--profile): accurate
+    per-stage times at the cost of a synchronization; without it the loop never waits for the GPU to time itself."""
+    if profile and device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
 
@@ -492,9 +499,11 @@ def train_step(ctx, batch, it):
     """One iteration on this rank's share of the global batch -> stats. A non-finite loss or gradient norm raises
     BEFORE the optimizer step, so the weights and last.pt stay at the last good state."""
     model, device, cfg = ctx["model"], ctx["device"], ctx["cfg"]
-    t0, cpu0 = _sync(device), time.process_time()
+    t0, cpu0 = _sync(device, cfg.profile), time.process_time()
     # §4.4 step 2: the student sees image_aug (flip + jitter) for generated samples, the augmented crop for source ones
-    images = pad_batch([s["image_aug"] if s["generated"] else s["image"] for s in batch], 0).to(device)
+    # (pinned samples on CUDA: asynchronous copies, padded on the device)
+    images = pad_batch([(s["image_aug"] if s["generated"] else s["image"]).to(device, non_blocking=True)
+                        for s in batch], 0)
     size = tuple(images.shape[-2:])
     gen = [s for s in batch if s["generated"]]
     t_teacher = t_refine = 0.0
@@ -502,15 +511,15 @@ def train_step(ctx, batch, it):
     if gen:  # §4.4 steps 3-5: the generated samples' targets are replaced by their pseudo labels
         keep = ctx["rank"] == 0 and cfg.plots
         targets_gen, records, t_teacher, t_refine = pseudo_targets(model, ctx["teacher"], gen, ctx["predictor"],
-                                                                   ctx["refine_cfg"], device, keep)
+                                                                   ctx["refine_cfg"], device, keep, cfg.profile)
         pseudo = iter(targets_gen)
         ctx["records"] = (records + (ctx["records"] or []))[:4]  # the 4 latest, for the pseudo-label PNG
-    t1 = _sync(device)
+    t1 = _sync(device, cfg.profile)
     targets = []
     for s in batch:  # source padding is label 255: negatives for every mask, like the official black padding (§9.16)
         t = _pad_target(next(pseudo), size) if s["generated"] else \
-            clouds.targets_from_label(pad_batch([s["label"]], data.IGNORE_INDEX, size)[0])
-        targets.append({k: v.to(device) for k, v in t.items()})
+            clouds.targets_from_label(pad_batch([s["label"].to(device, non_blocking=True)], data.IGNORE_INDEX, size)[0])
+        targets.append({k: v.to(device) for k, v in t.items()})  # already there (kept for CPU-only predictors)
     outputs = ctx["student"](images)
     check_outputs(ctx, outputs, it)  # before the matcher: scipy's Hungarian solver dies on NaN costs
     losses = model.criterion(outputs, targets, generator=ctx["generator"])  # §4.3: one call over the mixed batch
@@ -532,7 +541,7 @@ def train_step(ctx, batch, it):
                          f"Lower --lr, then rerun with --resume.")
     ctx["optimizer"].step()
     ctx["scheduler"].step()
-    t2 = _sync(device)
+    t2 = _sync(device, cfg.profile)
     terms = {k: v.item() for k, v in losses.items() if k in ("loss_ce", "loss_mask", "loss_dice")}
     return {"loss": loss.item(), **terms, "n_gen": len(gen), "grad_norm": float(grad_norm),
             "time_teacher": t_teacher, "time_refine": t_refine, "time_student": t2 - t1, "time_iter": t2 - t0,
@@ -747,11 +756,12 @@ def build_eval_sets(cfg) -> dict:
     return sets
 
 
-def evaluate_sets(model, sets, device, progress) -> dict:
-    """{set: {"mIoU", "mIoU16", "mAcc", "aAcc"}} (fractions); every rank must call it (confusions are summed)."""
+def evaluate_sets(model, sets, device, progress, workers=0) -> dict:
+    """{set: {"mIoU", "mIoU16", "mAcc", "aAcc"}} (fractions); every rank must call it (confusions are summed).
+    `workers` DataLoader processes read and resize the images (--workers), off the training process."""
     out = {}
     for name, ds in sets.items():
-        m = evaluate.evaluate_model(model, ds, device=device, progress=progress)
+        m = evaluate.evaluate_model(model, ds, device=device, progress=progress, num_workers=workers)
         out[name] = {k: m[k] for k in ("mIoU", "mIoU16", "mAcc", "aAcc")}
         out[name]["IoU"] = {c: None if math.isnan(v) else v for c, v in zip(data.CLASSES, m["IoU"].tolist())}
     return out
@@ -1049,6 +1059,8 @@ def run_phase(cfg, phase, model, env, inputs, out_dir) -> dict:
     main_rank = env.rank == 0
     say = inputs.get("say") or RunLog(out_dir / "log.txt", main_rank)
     stop = inputs.get("stop") or StopFlag()
+    if env.device.type == "cuda":  # --tf32: on, as torch 1.7-1.11 did by default (matmul TF32 off since 1.12)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     model.train()
     student = _Student(model, cfg.train_backbone).to(env.device)
     unused = freeze_unused(student, env.device)
@@ -1084,7 +1096,7 @@ def run_phase(cfg, phase, model, env, inputs, out_dir) -> dict:
     stream = MixedStream(inputs["source"], inputs["generated"] if joint else None, p_gen, _seed(cfg.seed, int(joint)))
     loader = torch.utils.data.DataLoader(stream, batch_size=cfg.batch_size // env.world, collate_fn=_as_list,
                                          sampler=StreamSampler(start, cfg.batch_size, env.rank, env.world),
-                                         num_workers=cfg.workers)
+                                         num_workers=cfg.workers, pin_memory=env.device.type == "cuda")
     batches = iter(loader)
     results, window, it = {}, [], start
     bar = tqdm(range(start, max_iter), desc=phase, disable=not (cfg.progress and main_rank), dynamic_ncols=True)
@@ -1105,7 +1117,8 @@ def run_phase(cfg, phase, model, env, inputs, out_dir) -> dict:
                 log.write({"phase": phase, "iter": done, "lr": lr, **mean})
                 window = []
             if cfg.eval_every and (done % cfg.eval_every == 0 or done == max_iter):
-                results = evaluate_sets(model, inputs["eval_sets"], env.device, cfg.progress and main_rank)
+                results = evaluate_sets(model, inputs["eval_sets"], env.device, cfg.progress and main_rank,
+                                        cfg.workers)
                 log.write({"phase": phase, "iter": done, "eval": results})
                 if main_rank:
                     say(f"[{phase} {done}] " + ", ".join(f"{n} {100 * m['mIoU']:.2f}" for n, m in results.items()))

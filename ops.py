@@ -543,6 +543,11 @@ def main(argv=None):
     se = masks_to_semantic(cl, ml, (cfg.size, cfg.size), return_scores=True, impl="ext")
     result["masks_to_semantic"] = torch.allclose(se, masks_to_semantic_ref(cl, ml, (cfg.size, cfg.size), True),
                                                  atol=1e-5)
+    shapes = [(cfg.size // 32, cfg.size // 32), (cfg.size // 16, cfg.size // 16), (cfg.size // 8, cfg.size // 8)]
+    value = torch.randn(2, sum(h * w for h, w in shapes), 8, 32, generator=g)
+    loc, attn = torch.rand(2, 100, 8, 3, 4, 2, generator=g), torch.rand(2, 100, 8, 3, 4, generator=g)
+    result["ms_deform_attn"] = torch.allclose(ms_deform_attn(value, shapes, loc, attn, impl="ext"),
+                                              ms_deform_attn_ref(value, shapes, loc, attn), atol=1e-5)
     for k, v in result.items():
         print(f"{k:22s} {'ok' if v else 'MISMATCH'}")
     return result

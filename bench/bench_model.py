@@ -59,6 +59,18 @@ def head_loss(out):
     return sum(p["pred_logits"].square().mean() + p["pred_masks"].square().mean() for p in preds)
 
 
+def pixel_decoder_outputs(head, feats):
+    """The pixel decoder's outputs (mask features, 3 encoder levels) and the feature gradients of their mean square.
+
+    No threshold sits between the features and these outputs (the transformer decoder's masked attention thresholds
+    sigmoid(mask) at 0.5, which turns 1e-7 differences into flipped attention entries), so they show the op's error.
+    """
+    inputs = {k: v.clone().requires_grad_() for k, v in feats.items()}
+    mask_features, outs = head.pixel_decoder(inputs)
+    sum(t.square().mean() for t in [mask_features] + outs).backward()
+    return [mask_features.detach()] + [t.detach() for t in outs], [inputs[k].grad for k in sorted(inputs)]
+
+
 def run_head(repeats, batch=2, crop=768):
     import torch
 
@@ -73,7 +85,7 @@ def run_head(repeats, batch=2, crop=768):
              for i, (c, s) in enumerate(zip((192, 384, 768, 1536), (4, 8, 16, 32)))}
     ops.load_extension()
     res = {"case": "head_768", "threads": torch.get_num_threads(), "batch": batch, "crop": crop}
-    results = {}
+    results, decoder = {}, {}
     for path in ("ref", "ext"):
         os.environ["CLOUDS_OPS_IMPL"] = path                        # what impl="auto" runs (ops._use_ext)
         inputs = {k: v.clone().requires_grad_() for k, v in feats.items()}
@@ -96,6 +108,12 @@ def run_head(repeats, batch=2, crop=768):
             out = head(inputs)
         results[path] = (out["pred_logits"], out["pred_masks"], [inputs[k].grad.clone() for k in sorted(inputs)],
                          [p.grad.clone() for p in head.parameters()])
+        decoder[path] = pixel_decoder_outputs(head, feats)
+    (do_r, dg_r), (do_e, dg_e) = decoder["ref"], decoder["ext"]
+    res["pixel_decoder_max_abs_diff_outputs"] = max((a - b).abs().max().item() for a, b in zip(do_r, do_e))
+    res["pixel_decoder_max_abs_output"] = max(a.abs().max().item() for a in do_r)
+    res["pixel_decoder_max_abs_diff_feature_grads"] = max((a - b).abs().max().item() for a, b in zip(dg_r, dg_e))
+    res["pixel_decoder_max_abs_feature_grad"] = max(a.abs().max().item() for a in dg_r)
     (lr, mr, gr, pr), (le, me, ge, pe) = results["ref"], results["ext"]
     res["max_abs_diff_logits"] = (lr - le).abs().max().item()
     res["max_abs_diff_masks"] = (mr - me).abs().max().item()
@@ -183,6 +201,10 @@ def main(argv=None):
                   f"{res['max_abs_diff_masks']:.2e}, feature grads {res['max_abs_diff_feature_grads']:.2e} (max "
                   f"|grad| {res['max_abs_feature_grad']:.2e}), parameter grads {res['max_abs_diff_param_grads']:.2e}"
                   f"  ({res['threads']} threads, batch {res['batch']}, {res['crop']}x{res['crop']})")
+            print(f"{case:20s} pixel decoder alone (no mask threshold): max abs diff outputs "
+                  f"{res['pixel_decoder_max_abs_diff_outputs']:.2e} (max |out| {res['pixel_decoder_max_abs_output']:.2f}),"
+                  f" feature grads {res['pixel_decoder_max_abs_diff_feature_grads']:.2e} (max |grad| "
+                  f"{res['pixel_decoder_max_abs_feature_grad']:.2e})")
             continue
         line = f"{case:20s} forward {res['forward_s']:.3f} s (min {res['forward_min_s']:.3f})"
         if "train_step_s" in res:

@@ -266,24 +266,14 @@ def position_embedding_sine(h, w, num_feats, device, temperature=10000.0, scale=
     return pos.permute(2, 0, 1)  # (2F, h, w)
 
 
-def ms_deform_attn(value, shapes, locations, weights):
-    """Multi-scale deformable attention core (Deformable-DETR), plain PyTorch.
+def ms_deform_attn(value, shapes, locations, weights, impl="auto"):
+    """Multi-scale deformable attention core (Deformable-DETR): ops.ms_deform_attn (fused C++/CUDA forward and
+    backward; ops.ms_deform_attn_ref is the grid_sample specification).
 
     value (B, S, nH, Dh) with S = sum(h*w) over `shapes`; locations (B, Lq, nH, nL, nP, 2) xy in [0, 1];
     weights (B, Lq, nH, nL, nP). Bilinear sampling, zeros outside, align_corners=False. Returns (B, Lq, nH*Dh).
     """
-    B, _, nH, Dh = value.shape
-    _, Lq, _, nL, nP, _ = locations.shape
-    values = value.split([h * w for h, w in shapes], dim=1)
-    grids = 2 * locations - 1  # grid_sample coordinates in [-1, 1]
-    sampled = []
-    for lvl, (h, w) in enumerate(shapes):
-        v = values[lvl].flatten(2).transpose(1, 2).reshape(B * nH, Dh, h, w)  # (B*nH, Dh, h, w)
-        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (B*nH, Lq, nP, 2)
-        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
-    w = weights.transpose(1, 2).reshape(B * nH, 1, Lq, nL * nP)  # (B*nH, 1, Lq, nL*nP)
-    out = (torch.stack(sampled, dim=-2).flatten(-2) * w).sum(-1)  # (B*nH, Dh, Lq)
-    return out.view(B, nH * Dh, Lq).transpose(1, 2)  # (B, Lq, nH*Dh)
+    return ops.ms_deform_attn(value, shapes, locations, weights, impl=impl)
 
 
 class MSDeformAttn(nn.Module):

@@ -1,5 +1,6 @@
-"""Fast ops for CLOUDS: connected components and point prompts (Sec. 3.2, reference §5.2) and Mask2Former semantic
-inference (reference §3.4), as a C++/CUDA extension with a pure-PyTorch reference for each op.
+"""Fast ops for CLOUDS: connected components and point prompts (Sec. 3.2, reference §5.2), Mask2Former semantic
+inference (reference §3.4) and multi-scale deformable attention (Sec. 3.1, forward and backward), as a C++/CUDA
+extension with a pure-PyTorch reference for each op.
 
 Each public op takes impl="auto"|"ext"|"ref". "ext" runs csrc/ (compiled on first use with
 torch.utils.cpp_extension + ninja, cached under TORCH_EXTENSIONS_DIR); "ref" runs the `*_ref` function, which is the
@@ -11,6 +12,7 @@ Usage:
     components, comp_class, comp_area = ops.connected_components(label)          # label (H, W) train ids
     points, comp_ids = ops.sample_points(components, comp_area, generator=0)      # (P, 5, 2) xy, (P,)
     labels = ops.masks_to_semantic(pred_logits, pred_masks, (H, W))               # (B, H, W)
+    out = ops.ms_deform_attn(value, shapes, locations, weights)                   # (B, Lq, nH*Dh), differentiable
     python ops.py [--cuda]          # build the extension and check it against the references
 """
 import argparse
@@ -119,6 +121,14 @@ def _register_fakes():
         if return_scores:
             return mask_logits.new_empty((B, C, height, width), dtype=torch.float32)
         return mask_logits.new_empty((B, height, width), dtype=torch.int64)
+
+    @torch.library.register_fake("clouds::ms_deform_attn")
+    def _(value, shapes, locations, weights):
+        return value.new_empty((value.shape[0], locations.shape[1], value.shape[2] * value.shape[3]))
+
+    @torch.library.register_fake("clouds::ms_deform_attn_backward")
+    def _(grad_output, value, shapes, locations, weights):
+        return torch.empty_like(value), torch.empty_like(locations), torch.empty_like(weights)
 
 
 def _use_ext(impl):
@@ -428,6 +438,83 @@ def masks_to_semantic_ref(class_logits, mask_logits, size, return_scores=False):
     return scores if return_scores else scores.argmax(1)
 
 
+# ---- multi-scale deformable attention (Deformable-DETR, the pixel decoder's encoder, Sec. 3.1) ----
+
+
+def ms_deform_attn(value, shapes, locations, weights, impl="auto"):
+    """Multi-scale deformable attention core: per query and head, a weighted sum of bilinear samples of each level.
+
+    Args:
+        value: (B, S, nH, Dh), S = sum(h * w for h, w in shapes), the levels flattened row-major in that order.
+        shapes: nL pairs (h, w). locations: (B, Lq, nH, nL, nP, 2) xy in [0, 1] (pixel centres at (i + 0.5) / w).
+        weights: (B, Lq, nH, nL, nP) attention weights (softmax over nL * nP in the model).
+    Returns:
+        (B, Lq, nH * Dh): sum over levels and points of weight * bilinear sample (zeros outside, align_corners=False,
+        as grid_sample), differentiable w.r.t. value, locations and weights. The extension runs float32 and float64
+        (the fused kernel never holds the (B*nH, Dh, Lq, nP) samples of each level); other dtypes use the reference.
+    """
+    shapes = _check_deform(value, shapes, locations, weights)
+    if value.dtype not in (torch.float32, torch.float64) or not _use_ext(impl):
+        return ms_deform_attn_ref(value, shapes, locations, weights)
+    flat = [n for hw in shapes for n in hw]                                  # [h0, w0, h1, w1, ...]
+    return _MSDeformAttn.apply(value, flat, locations, weights)
+
+
+def _check_deform(value, shapes, locations, weights):
+    shapes = [(int(h), int(w)) for h, w in shapes]
+    if value.dim() != 4 or locations.dim() != 6 or weights.dim() != 5:
+        raise ValueError(f"expected value (B, S, nH, Dh), locations (B, Lq, nH, nL, nP, 2), weights (B, Lq, nH, nL, "
+                         f"nP); got {tuple(value.shape)}, {tuple(locations.shape)}, {tuple(weights.shape)}")
+    B, S, nH, _ = value.shape
+    if (locations.shape[0] != B or locations.shape[2] != nH or locations.shape[3] != len(shapes)
+            or locations.shape[5] != 2 or weights.shape != locations.shape[:5]):
+        raise ValueError(f"locations {tuple(locations.shape)} and weights {tuple(weights.shape)} must be (B, Lq, nH, "
+                         f"nL, nP, 2) and (B, Lq, nH, nL, nP) with B={B}, nH={nH} (from value) and nL={len(shapes)} "
+                         "(len(shapes))")
+    if sum(h * w for h, w in shapes) != S:
+        raise ValueError(f"value has S={S} tokens but shapes {shapes} sum to {sum(h * w for h, w in shapes)}")
+    if not (value.dtype == locations.dtype == weights.dtype):
+        raise ValueError(f"value, locations and weights must share one dtype, got {value.dtype}, {locations.dtype}, "
+                         f"{weights.dtype}; cast them first")
+    return shapes
+
+
+class _MSDeformAttn(torch.autograd.Function):
+    """torch.ops.clouds.ms_deform_attn with its fused backward (value, locations and weights gradients)."""
+
+    @staticmethod
+    def forward(ctx, value, shapes, locations, weights):
+        value, locations, weights = value.contiguous(), locations.contiguous(), weights.contiguous()
+        ctx.save_for_backward(value, locations, weights)
+        ctx.shapes = shapes
+        return torch.ops.clouds.ms_deform_attn(value, shapes, locations, weights)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        value, locations, weights = ctx.saved_tensors
+        grads = torch.ops.clouds.ms_deform_attn_backward(grad_output.contiguous(), value, ctx.shapes, locations,
+                                                         weights)
+        need = ctx.needs_input_grad
+        return grads[0] if need[0] else None, None, grads[1] if need[2] else None, grads[2] if need[3] else None
+
+
+def ms_deform_attn_ref(value, shapes, locations, weights):
+    """Specification of ms_deform_attn (same arguments and result): F.grid_sample per level, plain PyTorch."""
+    B, _, nH, Dh = value.shape
+    _, Lq, _, nL, nP, _ = locations.shape
+    values = value.split([h * w for h, w in shapes], dim=1)
+    grids = 2 * locations - 1  # grid_sample coordinates in [-1, 1]
+    sampled = []
+    for lvl, (h, w) in enumerate(shapes):
+        v = values[lvl].flatten(2).transpose(1, 2).reshape(B * nH, Dh, h, w)  # (B*nH, Dh, h, w)
+        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (B*nH, Lq, nP, 2)
+        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+    w = weights.transpose(1, 2).reshape(B * nH, 1, Lq, nL * nP)  # (B*nH, 1, Lq, nL*nP)
+    out = (torch.stack(sampled, dim=-2).flatten(-2) * w).sum(-1)  # (B*nH, Dh, Lq)
+    return out.view(B, nH * Dh, Lq).transpose(1, 2)  # (B, Lq, nH*Dh)
+
+
 # ---- self-check ----
 
 
@@ -456,6 +543,11 @@ def main(argv=None):
     se = masks_to_semantic(cl, ml, (cfg.size, cfg.size), return_scores=True, impl="ext")
     result["masks_to_semantic"] = torch.allclose(se, masks_to_semantic_ref(cl, ml, (cfg.size, cfg.size), True),
                                                  atol=1e-5)
+    shapes = [(cfg.size // 32, cfg.size // 32), (cfg.size // 16, cfg.size // 16), (cfg.size // 8, cfg.size // 8)]
+    value = torch.randn(2, sum(h * w for h, w in shapes), 8, 32, generator=g)
+    loc, attn = torch.rand(2, 100, 8, 3, 4, 2, generator=g), torch.rand(2, 100, 8, 3, 4, generator=g)
+    result["ms_deform_attn"] = torch.allclose(ms_deform_attn(value, shapes, loc, attn, impl="ext"),
+                                              ms_deform_attn_ref(value, shapes, loc, attn), atol=1e-5)
     for k, v in result.items():
         print(f"{k:22s} {'ok' if v else 'MISMATCH'}")
     return result

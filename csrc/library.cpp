@@ -19,4 +19,12 @@ TORCH_LIBRARY(clouds, m) {
   // (B, C, H, W). Never holds (B, Q, H, W).
   m.def("masks_to_semantic(Tensor class_prob, Tensor mask_logits, int height, int width, bool return_scores) "
         "-> Tensor");
+  // Multi-scale deformable attention (Deformable-DETR core of the pixel decoder, Sec. 3.1). value (B, S, nH, Dh) with
+  // S = sum of h*w over the levels; shapes = [h0, w0, h1, w1, ...] (nL levels, S in that order); locations
+  // (B, Lq, nH, nL, nP, 2) xy in [0, 1]; weights (B, Lq, nH, nL, nP); one dtype, float32 or float64. Bilinear,
+  // zeros outside, align_corners=False -> (B, Lq, nH*Dh). The backward returns the gradients of value, locations,
+  // weights given grad_output (B, Lq, nH*Dh).
+  m.def("ms_deform_attn(Tensor value, int[] shapes, Tensor locations, Tensor weights) -> Tensor");
+  m.def("ms_deform_attn_backward(Tensor grad_output, Tensor value, int[] shapes, Tensor locations, Tensor weights) "
+        "-> (Tensor, Tensor, Tensor)");
 }

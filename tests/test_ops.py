@@ -367,6 +367,125 @@ def test_semantic_inference_only():
     assert mask_logits.grad is not None and mask_logits.grad.abs().sum() > 0
 
 
+# ---- multi-scale deformable attention ----
+
+
+def deform_inputs(B, nH, Dh, shapes, Lq, nP, dtype=torch.float32, seed=0, spread=0.25):
+    """value (B, S, nH, Dh), locations (B, Lq, nH, nL, nP, 2), weights (B, Lq, nH, nL, nP) and an output gradient.
+
+    Locations are uniform in [-spread, 1 + spread] (some outside the map); the first queries of every level sit on
+    the borders and pixel centres: x or y exactly 0, 1, 0.5/w (the first centre), 1 - 0.5/w, -0.5/w and 1 + 0.5/w
+    (one pixel outside), and mid-cell 1/w.
+    """
+    g = torch.Generator().manual_seed(seed)
+    S, nL = sum(h * w for h, w in shapes), len(shapes)
+    value = torch.randn(B, S, nH, Dh, generator=g, dtype=torch.float64).to(dtype)
+    loc = (torch.rand(B, Lq, nH, nL, nP, 2, generator=g, dtype=torch.float64) * (1 + 2 * spread) - spread).to(dtype)
+    for l, (h, w) in enumerate(shapes):
+        for axis, n in ((0, w), (1, h)):
+            special = torch.tensor([0.0, 1.0, 0.5 / n, 1 - 0.5 / n, -0.5 / n, 1 + 0.5 / n, 1.0 / n], dtype=dtype)
+            k = min(len(special), Lq)
+            loc[:, :k, :, l, 0, axis] = special[:k, None]
+    weights = torch.rand(B, Lq, nH, nL, nP, generator=g, dtype=torch.float64).to(dtype)
+    grad = torch.randn(B, Lq, nH * Dh, generator=g, dtype=torch.float64).to(dtype)
+    return value, loc, weights, grad
+
+
+def deform_run(fn, value, shapes, loc, weights, grad):
+    """(output, d value, d locations, d weights) of fn for the output gradient `grad`."""
+    inputs = [t.detach().requires_grad_() for t in (value, loc, weights)]
+    out = fn(inputs[0], shapes, inputs[1], inputs[2])
+    return (out.detach(),) + torch.autograd.grad(out, inputs, grad)
+
+
+def assert_deform_close(got, want, rel):
+    for name, a, b in zip(("output", "grad value", "grad locations", "grad weights"), got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        tol = rel * max(1.0, b.abs().max().item())
+        assert (a - b).abs().max().item() <= tol, f"{name}: max abs diff {(a - b).abs().max().item():.3g} > {tol:.3g}"
+
+
+DEFORM_CASES = [  # B, nH, Dh, nP, shapes (odd, non-square; x and y swapped would read other pixels), Lq
+    (1, 1, 3, 2, [(5, 7)], 9),
+    (2, 3, 5, 2, [(7, 5), (3, 4), (1, 2)], 13),
+    (2, 8, 32, 4, [(3, 5), (6, 9), (12, 17)], 40),
+]
+
+
+@pytest.mark.parametrize("B, nH, Dh, nP, shapes, Lq", DEFORM_CASES)
+def test_deform_attn_matches_reference(B, nH, Dh, nP, shapes, Lq):
+    value, loc, weights, grad = deform_inputs(B, nH, Dh, shapes, Lq, nP)
+    ext = deform_run(lambda *a: ops.ms_deform_attn(*a, impl="ext"), value, shapes, loc, weights, grad)
+    ref = deform_run(ops.ms_deform_attn_ref, value, shapes, loc, weights, grad)
+    assert_deform_close(ext, ref, 1e-5)                                      # float32 vs float32 grid_sample
+    assert ext[0].abs().max() > 0 and ext[2].abs().max() > 0                 # not trivially zero
+    f64 = [t.double() for t in (value, loc, weights, grad)]
+    ext64 = deform_run(lambda *a: ops.ms_deform_attn(*a, impl="ext"), f64[0], shapes, *f64[1:])
+    ref64 = deform_run(ops.ms_deform_attn_ref, f64[0], shapes, *f64[1:])
+    assert_deform_close(ext64, ref64, 1e-12)
+
+
+def test_deform_attn_hand_computed():
+    """One point on a 2x3 map: x = 0.5 -> pixel x 1.0, y = 0.5 -> pixel y 0.5: the mean of rows 0 and 1 at x=1."""
+    value = torch.arange(6, dtype=torch.float64).view(1, 6, 1, 1)              # map [[0, 1, 2], [3, 4, 5]]
+    loc = torch.tensor([0.5, 0.5], dtype=torch.float64).view(1, 1, 1, 1, 1, 2)
+    w = torch.full((1, 1, 1, 1, 1), 2.0, dtype=torch.float64)
+    out = ops.ms_deform_attn(value, [(2, 3)], loc, w, impl="ext")
+    assert out.item() == pytest.approx(2.0 * (1 + 4) / 2)
+    gv, gl, gw = torch.ops.clouds.ms_deform_attn_backward(torch.ones(1, 1, 1, dtype=torch.float64), value, [2, 3],
+                                                          loc, w)
+    assert gv.flatten().tolist() == pytest.approx([0, 1, 0, 0, 1, 0])       # w * (1 - fx) * (1 - fy) at x=1, y=0,1
+    assert gw.item() == pytest.approx(2.5)
+    # d/dx (pixel x = 3 * loc_x - 0.5 = 1.0, floor 1): right minus left neighbour = 1, times w * width 3
+    # d/dy: row 1 minus row 0 = 3, times w * height 2
+    assert gl.flatten().tolist() == pytest.approx([2.0 * 3 * 1, 2.0 * 2 * 3])
+
+
+def test_deform_attn_gradcheck():
+    value, loc, weights, _ = deform_inputs(2, 2, 3, [(3, 4), (2, 3)], 5, 2, dtype=torch.float64, seed=3, spread=0.1)
+    loc[:, :, :, :, 0] = torch.rand(loc[:, :, :, :, 0].shape, dtype=torch.float64,
+                                    generator=torch.Generator().manual_seed(4))  # no point exactly on a cell edge
+    args = [t.requires_grad_() for t in (value, loc, weights)]
+    assert torch.autograd.gradcheck(lambda v, l, w: ops.ms_deform_attn(v, [(3, 4), (2, 3)], l, w, impl="ext"), args,
+                                    eps=1e-6, atol=1e-7)
+
+
+def test_deform_attn_non_contiguous_and_dispatch(monkeypatch):
+    clouds = pytest.importorskip("clouds")
+    B, nH, Dh, nP, shapes, Lq = 2, 3, 4, 2, [(5, 3), (2, 7)], 6
+    value, loc, weights, grad = deform_inputs(B, nH, Dh, shapes, Lq, nP, seed=5)
+    v_nc = value.transpose(1, 2).contiguous().transpose(1, 2)                   # (B, S, nH, Dh), strided
+    l_nc = torch.stack([loc, loc], -2).select(-2, 1)                          # (B, Lq, nH, nL, nP, 2), strided
+    w_nc = weights.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not (v_nc.is_contiguous() or l_nc.is_contiguous() or w_nc.is_contiguous())
+    ref = deform_run(ops.ms_deform_attn_ref, value, shapes, loc, weights, grad)
+    ext = deform_run(lambda *a: ops.ms_deform_attn(*a, impl="ext"), v_nc, shapes, l_nc, w_nc, grad)
+    assert_deform_close(ext, ref, 1e-5)
+    assert_deform_close(deform_run(clouds.ms_deform_attn, value, shapes, loc, weights, grad), ext, 0)
+    half = ops.ms_deform_attn(value.bfloat16(), shapes, loc.bfloat16(), weights.bfloat16())  # bf16 -> reference
+    assert half.dtype == torch.bfloat16 and torch.allclose(half.float(), ref[0], atol=0.1)
+    monkeypatch.setenv("CLOUDS_OPS_IMPL", "ref")
+    calls = []
+    monkeypatch.setattr(ops, "ms_deform_attn_ref", lambda *a: calls.append(1) or ref[0])
+    ops.ms_deform_attn(value, shapes, loc, weights)
+    assert calls == [1]
+    empty = ops.ms_deform_attn(value, shapes, loc[:, :0], weights[:, :0], impl="ext")
+    assert empty.shape == (B, 0, nH * Dh)
+
+
+def test_deform_attn_errors():
+    value, loc, weights, _ = deform_inputs(1, 2, 3, [(3, 4)], 5, 2)
+    with pytest.raises(ValueError, match="sum to"):
+        ops.ms_deform_attn(value, [(3, 5)], loc, weights)
+    with pytest.raises(ValueError, match="nL=2"):
+        ops.ms_deform_attn(value, [(3, 4), (1, 1)], loc, weights)
+    with pytest.raises(ValueError, match="one dtype"):
+        ops.ms_deform_attn(value, [(3, 4)], loc.double(), weights)
+    ops.load_extension()
+    with pytest.raises(RuntimeError, match="level sizes sum"):
+        torch.ops.clouds.ms_deform_attn(value, [3, 5], loc, weights)
+
+
 # ---- dispatch, opcheck ----
 
 
@@ -393,6 +512,11 @@ def test_opcheck():
     prob = class_logits.softmax(-1)[..., :-1].contiguous()
     for scores in (False, True):
         torch.library.opcheck(torch.ops.clouds.masks_to_semantic.default, (prob, mask_logits, 11, 9, scores))
+    for dtype in (torch.float32, torch.float64):
+        value, loc, weights, grad = deform_inputs(2, 3, 4, [(3, 5), (2, 2)], 7, 2, dtype=dtype)
+        torch.library.opcheck(torch.ops.clouds.ms_deform_attn.default, (value, [3, 5, 2, 2], loc, weights))
+        torch.library.opcheck(torch.ops.clouds.ms_deform_attn_backward.default,
+                              (grad, value, [3, 5, 2, 2], loc, weights))
 
 
 # ---- CUDA ----
@@ -429,6 +553,17 @@ def test_cuda_semantic_close_to_cpu():
     assert torch.equal(labels[clear], cpu.argmax(1)[clear])
 
 
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_deform_attn_close_to_cpu(dtype):
+    shapes = [(12, 17), (6, 9), (3, 5)]
+    value, loc, weights, grad = deform_inputs(2, 8, 32, shapes, 300, 4, dtype=dtype)
+    fn = lambda *a: ops.ms_deform_attn(*a, impl="ext")                       # noqa: E731
+    cpu = deform_run(fn, value, shapes, loc, weights, grad)
+    gpu = deform_run(fn, value.cuda(), shapes, loc.cuda(), weights.cuda(), grad.cuda())
+    assert_deform_close([t.cpu() for t in gpu], cpu, 1e-5 if dtype == torch.float32 else 1e-12)
+
+
 def _nvcc():
     home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
     return shutil.which("nvcc") or os.path.exists(os.path.join(home, "bin", "nvcc"))
@@ -440,7 +575,8 @@ def test_cuda_sources_compile():
     """Builds the CPU+CUDA variant (no GPU needed) in a fresh process: one TORCH_LIBRARY per process."""
     code = ("import ops, torch\n"
             "path = ops.load_extension(with_cuda=True)\n"
-            "names = ('connected_components', 'sample_points', 'masks_to_semantic')\n"
+            "names = ('connected_components', 'sample_points', 'masks_to_semantic', 'ms_deform_attn',\n"
+            "         'ms_deform_attn_backward')\n"
             "assert all(torch._C._dispatch_has_kernel_for_dispatch_key(f'clouds::{n}', k)\n"
             "           for n in names for k in ('CPU', 'CUDA'))\n"
             "print(path)\n")
@@ -449,4 +585,5 @@ def test_cuda_sources_compile():
     lib = Path(run.stdout.strip().splitlines()[-1])
     assert lib.is_file() and lib.name.startswith("clouds_ops_cuda")
     objects = {p.name for p in lib.parent.glob("*.cuda.o")}
-    assert {f"{n}_cuda.cuda.o" for n in ("connected_components", "sample_points", "masks_to_semantic")} <= objects
+    assert {f"{n}_cuda.cuda.o" for n in ("connected_components", "sample_points", "masks_to_semantic",
+                                         "ms_deform_attn")} <= objects

@@ -611,6 +611,7 @@ def restore_state(path, ctx) -> int:
     sched.base_lrs = [g["lr"] for g in fresh]
     for group, new, base in zip(ctx["optimizer"].param_groups, fresh, sched.base_lrs):
         group.update(weight_decay=new["weight_decay"], initial_lr=base, lr=base * sched.lr_lambdas[0](sched.last_epoch))
+    sched._last_lr = [g["lr"] for g in ctx["optimizer"].param_groups]  # what get_last_lr() (the logged LR) reports
     if ctx["teacher"] is not None:
         ctx["teacher"].load_state_dict(trainer["teacher"])
     torch.set_rng_state(trainer["torch_rng"])

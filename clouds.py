@@ -40,7 +40,7 @@ class ModelConfig:
     clip_model: str = "convnext_large_d_320"  # official MODEL.CLOUDS.CLIP_MODEL_NAME
     pretrained: str | None = "laion2b_s29b_b131k_ft_soup"  # official CLIP_PRETRAINED_WEIGHTS; tag, local file, or None
     train_backbone: bool = False  # official: CLIP frozen (requires_grad False, eval, no_grad); True only for `tiny`
-    backbone_bf16: bool = False  # reference §12: bf16 autocast for the frozen backbone (official runs fp32)
+    backbone_bf16: bool = False  # §12: bf16 autocast for the frozen backbone (official runs fp32)
     num_classes: int = 19  # official SEM_SEG_HEAD.NUM_CLASSES
     hidden_dim: int = 256  # official CONVS_DIM = MASK_DIM = MASK_FORMER.HIDDEN_DIM
     enc_layers: int = 6  # official SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS
@@ -174,7 +174,7 @@ class CLIPBackbone(nn.Module):
         return {f"res{i + 2}": f.float() for i, f in enumerate(feats)}  # (B, C_i, H/2^(i+2), W/2^(i+2))
 
 
-# Sec. 3.1 / reference §2.2: the paper's CLIP text classifier (official configs never use it: paper vs code).
+# Sec. 3.1 / §2.2: the paper's CLIP text classifier (official configs never use it: paper vs code).
 CLASS_SYNONYMS = (
     ("road", "railroad"), ("sidewalk", "pavement"),
     ("building", "buildings", "edifice", "edifices", "house", "ceiling"),
@@ -687,7 +687,7 @@ class SetCriterion(nn.Module):
 
 
 def semantic_inference(pred_logits, pred_masks, size):
-    """Sec. 3.1 / reference §3.4: argmax_c sum_q softmax(class)[q, c] * sigmoid(mask)[q] with no-object dropped.
+    """Sec. 3.1 / §3.4: argmax_c sum_q softmax(class)[q, c] * sigmoid(mask)[q] with no-object dropped.
 
     pred_logits (B, Q, C+1), pred_masks (B, Q, h, w) logits, size (H, W) -> int64 (B, H, W) (masks upsampled
     bilinearly, align_corners=False). Goes through `ops.masks_to_semantic`.

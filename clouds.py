@@ -3,21 +3,16 @@
 Implements the model box of the paper's Fig. 2 (CLOUDS, CVPR 2024, Sec. 3.1) as the released code configures it:
 a frozen open_clip ConvNeXt-L image encoder, an MSDeformAttn pixel decoder, a 9-layer masked-attention transformer
 decoder with a Linear(256, 20) class head, the Hungarian matcher + point-sampled set criterion, and semantic inference.
-Module names follow the official checkpoints, so `load_official` loads a released `model_final.pth` strictly.
+Module names follow the official checkpoints, so `checkpoints.load_official` loads a released `model_final.pth`
+strictly (checkpoints.py: saving, loading, and the parameter-count CLI).
 
 Usage:
     model = build_model("convnext_large")            # or "rn50", "rn101", "tiny"; pretrained=None for random init
     pred = model.predict(images_uint8_bchw)          # int64 (B, H, W) train ids
-    python clouds.py --count-params                  # head parameter counts of the released configurations
 """
-import argparse
 import math
 import os
-import pickle
-import tempfile
-import warnings
-import zipfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -45,7 +40,7 @@ class ModelConfig:
     clip_model: str = "convnext_large_d_320"  # official MODEL.CLOUDS.CLIP_MODEL_NAME
     pretrained: str | None = "laion2b_s29b_b131k_ft_soup"  # official CLIP_PRETRAINED_WEIGHTS; tag, local file, or None
     train_backbone: bool = False  # official: CLIP frozen (requires_grad False, eval, no_grad); True only for `tiny`
-    backbone_bf16: bool = False  # reference §12: bf16 autocast for the frozen backbone (official runs fp32)
+    backbone_bf16: bool = False  # §12: bf16 autocast for the frozen backbone (official runs fp32)
     num_classes: int = 19  # official SEM_SEG_HEAD.NUM_CLASSES
     hidden_dim: int = 256  # official CONVS_DIM = MASK_DIM = MASK_FORMER.HIDDEN_DIM
     enc_layers: int = 6  # official SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS
@@ -179,7 +174,7 @@ class CLIPBackbone(nn.Module):
         return {f"res{i + 2}": f.float() for i, f in enumerate(feats)}  # (B, C_i, H/2^(i+2), W/2^(i+2))
 
 
-# Sec. 3.1 / reference §2.2: the paper's CLIP text classifier (official configs never use it: paper vs code).
+# Sec. 3.1 / §2.2: the paper's CLIP text classifier (official configs never use it: paper vs code).
 CLASS_SYNONYMS = (
     ("road", "railroad"), ("sidewalk", "pavement"),
     ("building", "buildings", "edifice", "edifices", "house", "ceiling"),
@@ -692,7 +687,7 @@ class SetCriterion(nn.Module):
 
 
 def semantic_inference(pred_logits, pred_masks, size):
-    """Sec. 3.1 / reference §3.4: argmax_c sum_q softmax(class)[q, c] * sigmoid(mask)[q] with no-object dropped.
+    """Sec. 3.1 / §3.4: argmax_c sum_q softmax(class)[q, c] * sigmoid(mask)[q] with no-object dropped.
 
     pred_logits (B, Q, C+1), pred_masks (B, Q, h, w) logits, size (H, W) -> int64 (B, H, W) (masks upsampled
     bilinearly, align_corners=False). Goes through `ops.masks_to_semantic`.
@@ -782,191 +777,3 @@ def head_parameter_count(model):
     """Number of parameters of `sem_seg_head` (official: 20,253,908 ConvNeXt-L, 20,499,668 RN50/RN101)."""
     return sum(p.numel() for p in model.sem_seg_head.parameters())
 
-
-# ---- checkpoints ----
-
-
-def _torch_load(path, map_location="cpu"):
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e) or not zipfile.is_zipfile(path):
-            raise RuntimeError(f"{path} is not a readable torch checkpoint: {e}") from e
-        warnings.warn(f"{path} holds non-tensor Python objects; loading it with weights_only=False. Only do this for "
-                      f"a file you trust (e.g. an official release).")
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, ValueError) as e:
-        raise RuntimeError(f"{path} is not a readable torch checkpoint: {e}") from e
-
-
-def _prefixed(state, prefix):
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def _load_head_strict(head, state, what):
-    expected = head.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-                  for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or mismatched:
-        raise RuntimeError(
-            f"{what} does not match the model head (prefix 'sem_seg_head.'): {len(missing)} missing "
-            f"{missing[:10]}, {len(unexpected)} unexpected {unexpected[:10]}, {len(mismatched)} shape-mismatched "
-            f"{mismatched[:10]}. Build the model with the matching preset (convnext_large / rn50 / rn101).")
-    head.load_state_dict(state, strict=True)
-
-
-def _split_backbone(backbone, clip_sd, what):
-    """Sort a file's CLIP tensors (prefix `backbone.clip_model.` removed) against the model's `clip_sd`.
-
-    The image tower (`visual.*`) makes the features, so it must match exactly: a `visual.*` tensor missing from the
-    file, unknown to the model or of another shape is a RuntimeError naming the keys. The other tensors (text tower,
-    `logit_scale`) load where name and shape match; the rest are skipped and returned.
-    Returns (tensors to load {key: tensor}, skipped keys sorted, model keys absent from the file sorted).
-    """
-    file_vis = {k for k in backbone if k.startswith("visual.")}
-    model_vis = {k for k in clip_sd if k.startswith("visual.")}
-    missing, unexpected = sorted(model_vis - file_vis), sorted(file_vis - model_vis)
-    mismatched = [f"{k}: file {tuple(backbone[k].shape)} vs model {tuple(clip_sd[k].shape)}"
-                  for k in sorted(file_vis & model_vis) if backbone[k].shape != clip_sd[k].shape]
-    if missing or unexpected or mismatched:
-        raise RuntimeError(
-            f"{what}: the CLIP image tower (prefix 'backbone.clip_model.visual.') does not match the model's "
-            f"({len(model_vis)} tensors): {len(missing)} missing {missing[:10]}, {len(unexpected)} unexpected "
-            f"{unexpected[:10]}, {len(mismatched)} shape-mismatched {mismatched[:10]}. Build the model with the "
-            f"checkpoint's preset (convnext_large / rn50 / rn101) or pass model=None to infer it; the released files "
-            f"name the tensors as open_clip 2.20.0 + timm 0.9.5 do.")
-    load = {k: v for k, v in backbone.items() if k in clip_sd and clip_sd[k].shape == v.shape}
-    return load, sorted(set(backbone) - set(load)), sorted(set(clip_sd) - set(backbone))
-
-
-def _infer_preset(head, backbone):
-    cin = head["pixel_decoder.input_proj.0.0.weight"].shape[1]
-    if cin == 1536:
-        return "convnext_large"
-    if cin == 2048:  # RN50 and RN101 heads are identical; RN101's layer3 has 23 blocks (RN50: 6)
-        if backbone:
-            return "rn101" if "visual.layer3.6.conv1.weight" in backbone else "rn50"
-        warnings.warn("rn50 and rn101 heads are identical and the file has no backbone keys: assuming rn50; pass "
-                      "model=build_model('rn101') for an RN101 checkpoint")
-        return "rn50"
-    raise ValueError(f"cannot infer the preset: res5 input channels {cin} (known: 1536 convnext_large, 2048 rn50/rn101)")
-
-
-def load_official(path, model=None):
-    """Load an official CLOUDS `model_final.pth` (detectron2 format, state dict under "model").
-
-    `sem_seg_head.*` loads strictly into `model.sem_seg_head`. When the file has `backbone.clip_model.*` tensors, its
-    image tower `visual.*` loads strictly into the open_clip model (a missing, unknown or shape-mismatched key is an
-    error naming it); text-tower tensors load where name and shape match and are otherwise reported as skipped.
-    `criterion.empty_weight`, `void_embedding.weight`, `sem_seg_head_ema.*`, `sam.*` are skipped. With model=None the
-    preset is inferred from the head and the backbone comes from the file when present. Everything is checked before
-    anything loads, so a failed call leaves `model` unchanged.
-
-    Returns (model, report): report["file_keys"] = head_keys + backbone_loaded + len(backbone_skipped) + len(skipped)
-    (every key of the file is counted once); backbone_visual = image-tower tensors loaded; backbone_missing =
-    text-tower tensors of the model absent from the file (None without backbone tensors: the model keeps its CLIP).
-    """
-    ckpt = _torch_load(path)
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise RuntimeError(f"{path}: expected a detectron2 checkpoint dict with a 'model' state dict, found "
-                           f"{type(ckpt).__name__} with keys {list(ckpt)[:10] if isinstance(ckpt, dict) else []}")
-    sd = ckpt["model"]
-    head, backbone = _prefixed(sd, "sem_seg_head."), _prefixed(sd, "backbone.clip_model.")
-    skipped = sorted(k for k in sd if not k.startswith(("sem_seg_head.", "backbone.clip_model.")))
-    if "pixel_decoder.input_proj.0.0.weight" not in head:
-        raise RuntimeError(f"{path}: no 'sem_seg_head.pixel_decoder.input_proj.0.0.weight'; not a CLOUDS checkpoint")
-    preset = None
-    if model is None:
-        preset = _infer_preset(head, backbone)
-        model = build_model(preset, **({"pretrained": None} if backbone else {}))
-    load, clip_skipped, clip_missing = {}, [], []
-    if backbone:  # checked before the head loads, so an error leaves the model as it was
-        load, clip_skipped, clip_missing = _split_backbone(backbone, model.backbone.clip_model.state_dict(), str(path))
-    _load_head_strict(model.sem_seg_head, head, f"{path}")
-    if load:
-        model.backbone.clip_model.load_state_dict(load, strict=False)  # visual.* complete; text tower may not be
-    report = {"preset": preset, "file_keys": len(sd), "head_keys": len(head),
-              "head_params": sum(v.numel() for v in head.values()), "backbone_loaded": len(load),
-              "backbone_visual": sum(k.startswith("visual.") for k in load), "backbone_skipped": clip_skipped,
-              "backbone_missing": len(clip_missing) if backbone else None, "skipped": skipped}
-    if clip_skipped:
-        warnings.warn(f"{len(clip_skipped)} CLIP text-tower tensors of the file do not match the model (unknown name "
-                      f"or shape) and were skipped: {clip_skipped[:10]}")
-    if clip_missing:
-        warnings.warn(f"{len(clip_missing)} CLIP text-tower tensors were not in the file and keep their previous "
-                      f"values: {clip_missing[:10]}")
-    return model, report
-
-
-def save_checkpoint(path, model, **extra):
-    """Write {"version": 1, "config", "model": head state (+ backbone when trained or random-init), **extra} atomically."""
-    clash = {"version", "config", "model"} & set(extra)
-    if clash:
-        raise ValueError(f"extra keys {sorted(clash)} are reserved")
-    state = {f"sem_seg_head.{k}": v for k, v in model.sem_seg_head.state_dict().items()}
-    # A trained or random-init backbone cannot be rebuilt from open_clip's pretrained weights, so it is saved too.
-    if model.cfg.train_backbone or model.cfg.pretrained is None:
-        state.update({f"backbone.clip_model.{k}": v for k, v in model.backbone.clip_model.state_dict().items()})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"version": 1, "config": asdict(model.cfg), "model": state, **extra}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def load_checkpoint(path, map_location="cpu", **overrides):
-    """Rebuild a model saved by `save_checkpoint` -> (model, ckpt). `overrides` change ModelConfig fields, e.g.
-    pretrained='/path/open_clip_pytorch_model.bin' for a frozen backbone whose weights are not in the file."""
-    ckpt = _torch_load(path, map_location)
-    if not (isinstance(ckpt, dict) and ckpt.get("version") == 1 and {"config", "model"} <= set(ckpt)):
-        found = list(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise RuntimeError(f"{path} is not a clouds checkpoint (expected a dict with 'version': 1, 'config', 'model'; "
-                           f"found {found}). For an official CLOUDS model_final.pth use load_official().")
-    cfg = dict(ckpt["config"])
-    valid = {f.name for f in fields(ModelConfig)}
-    if set(cfg) - valid:
-        raise RuntimeError(f"{path}: unknown config fields {sorted(set(cfg) - valid)} (written by another version?)")
-    backbone = _prefixed(ckpt["model"], "backbone.clip_model.")
-    if backbone:
-        cfg["pretrained"] = None  # the backbone weights come from the file
-    cfg.update(overrides)
-    model = CLOUDS(ModelConfig(**cfg))
-    _load_head_strict(model.sem_seg_head, _prefixed(ckpt["model"], "sem_seg_head."), str(path))
-    if backbone:
-        model.backbone.clip_model.load_state_dict(backbone, strict=True)
-    return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model, ckpt
-
-
-# ---- main ----
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="CLOUDS model utilities")
-    parser.add_argument("--count-params", action="store_true",
-                        help="print head parameter counts of the released configurations (random-init backbones)")
-    parser.add_argument("--presets", nargs="+", default=["convnext_large", "rn50", "rn101"], choices=list(PRESETS))
-    args = parser.parse_args(argv)
-    if not args.count_params:
-        parser.print_help()
-        return {}
-    counts = {}
-    for name in args.presets:
-        model = build_model(name, pretrained=None)
-        counts[name] = head_parameter_count(model)
-        print(f"{name:15s} head parameters: {counts[name]:,}")
-        del model
-    return counts
-
-
-if __name__ == "__main__":
-    main()

@@ -290,16 +290,17 @@ def evaluate_model(model, dataset, device="cpu", progress: bool = True, save_dir
 
 
 def load_model(cfg: EvalConfig):
-    """Our checkpoint through clouds.load_checkpoint, or an official one through clouds.load_official (into
+    """Our checkpoint through checkpoints.load_checkpoint, or an official one through checkpoints.load_official (into
     clouds.build_model(preset) when a preset is given; otherwise the preset is inferred and the backbone read from
     the file, which needs no CLIP download)."""
-    import clouds  # lazy: the model (and its heavy imports) only for the model path
+    import checkpoints  # lazy: the model (and its heavy imports) only for the model path
+    import clouds
 
     extra = {"pretrained": cfg.clip_weights} if cfg.clip_weights else {}
     if not cfg.official:
-        return clouds.load_checkpoint(cfg.weights, **extra)[0]
+        return checkpoints.load_checkpoint(cfg.weights, **extra)[0]
     model = clouds.build_model(cfg.preset, **extra) if cfg.preset else None
-    model, report = clouds.load_official(cfg.weights, model)
+    model, report = checkpoints.load_official(cfg.weights, model)
     if isinstance(report, dict):  # the skipped-key lists are long
         report = {k: v for k, v in report.items() if not isinstance(v, (list, tuple))}
     print(f"loaded official checkpoint {cfg.weights}: {report}")

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+import checkpoints
 import clouds
 import data
 import evaluate
@@ -442,7 +443,7 @@ def load_weights(model, path):
         if backbone:
             model.backbone.clip_model.load_state_dict(backbone)
         return ckpt
-    clouds.load_official(path, model)
+    checkpoints.load_official(path, model)
     return None
 
 
@@ -585,7 +586,7 @@ def save_state(path, ctx, iteration):
                "scheduler": ctx["scheduler"].state_dict(),
                "teacher": ctx["teacher"].state_dict() if ctx["teacher"] is not None else None,
                "torch_rng": torch.get_rng_state(), "config": asdict(ctx["cfg"])}
-    clouds.save_checkpoint(path, ctx["model"], trainer=trainer)
+    checkpoints.save_checkpoint(path, ctx["model"], trainer=trainer)
 
 
 def restore_state(path, ctx) -> int:
@@ -1128,7 +1129,7 @@ def run_phase(cfg, phase, model, env, inputs, out_dir) -> dict:
                 if main_rank:
                     save_state(paths["last"], ctx, done)
                     if done % cfg.ckpt_every == 0:  # official PeriodicCheckpointer snapshot (weights only)
-                        clouds.save_checkpoint(out_dir / f"model_{done:07d}.pt", model)
+                        checkpoints.save_checkpoint(out_dir / f"model_{done:07d}.pt", model)
                     _write_plots(cfg, ctx, paths)
                 ctx["saved"] = done
             if stopping:
@@ -1148,7 +1149,7 @@ def run_phase(cfg, phase, model, env, inputs, out_dir) -> dict:
         del batches
         log.close()
     if main_rank:
-        clouds.save_checkpoint(paths["model_final"], model)  # official: student only (no teacher, no SAM)
+        checkpoints.save_checkpoint(paths["model_final"], model)  # official: student only (no teacher, no SAM)
         _write_plots(cfg, ctx, paths)
         if results:  # the per-class IoU of the phase's last evaluation
             say(f"[{phase}] per-class IoU (%) at iteration {max_iter}:\n" + evaluate.format_table(results))

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import clouds
 import ops
 
@@ -385,7 +386,7 @@ def test_load_official_round_trip(convnext_large, tmp_path):
     sd = {k: torch.randn(shape) for k, shape in expected}
     sd.update({"criterion.empty_weight": torch.ones(20), "void_embedding.weight": torch.randn(1, 768)})
     torch.save({"model": sd, "iteration": 3}, tmp_path / "model_final.pth")
-    model, report = clouds.load_official(tmp_path / "model_final.pth", model=convnext_large)
+    model, report = checkpoints.load_official(tmp_path / "model_final.pth", model=convnext_large)
     assert report["head_keys"] == 292 and report["head_params"] == 20_253_908
     assert report["file_keys"] == 294 and report["backbone_loaded"] == 0 and report["backbone_missing"] is None
     assert report["backbone_skipped"] == []  # no backbone tensors: the model keeps its own CLIP weights
@@ -400,7 +401,7 @@ def test_load_official_round_trip(convnext_large, tmp_path):
     del sd["sem_seg_head.predictor.level_embed.weight"]
     torch.save({"model": sd}, tmp_path / "broken.pth")
     with pytest.raises(RuntimeError, match=r"1 missing \['predictor.level_embed.weight'\]"):
-        clouds.load_official(tmp_path / "broken.pth", model=convnext_large)
+        checkpoints.load_official(tmp_path / "broken.pth", model=convnext_large)
 
 
 def test_load_official_strict_backbone_accounts_for_every_key(convnext_large, clip_file_tensors, tmp_path):
@@ -411,7 +412,7 @@ def test_load_official_strict_backbone_accounts_for_every_key(convnext_large, cl
     assert len(sd) == 837  # keys.md §2: the whole ConvNeXt-L "model" dict
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a complete file: nothing skipped, nothing missing, no warning
-        model, report = clouds.load_official(tmp_path / "model_final.pth", model=convnext_large)
+        model, report = checkpoints.load_official(tmp_path / "model_final.pth", model=convnext_large)
     assert report["file_keys"] == 837 and report["head_keys"] == 292
     assert report["backbone_loaded"] == 543 and report["backbone_visual"] == 345
     assert report["backbone_skipped"] == [] and report["backbone_missing"] == 0
@@ -427,7 +428,7 @@ def test_load_official_strict_backbone_accounts_for_every_key(convnext_large, cl
     text["transformer.resblocks.16.ln_1.weight"] = torch.zeros(768)  # the model has blocks 0..15
     _official_file(tmp_path / "text.pth", text)
     with pytest.warns(UserWarning) as record:
-        _, report = clouds.load_official(tmp_path / "text.pth", model=convnext_large)
+        _, report = checkpoints.load_official(tmp_path / "text.pth", model=convnext_large)
     messages = " ".join(str(w.message) for w in record)
     assert "skipped: ['text_projection', 'transformer.resblocks.16.ln_1.weight']" in messages
     assert "not in the file and keep their previous values: ['ln_final.bias']" in messages
@@ -455,7 +456,7 @@ def test_load_official_strict_backbone_errors_name_the_key(convnext_large, clip_
     before = convnext_large.sem_seg_head.predictor.query_feat.weight.clone()
     sd = _official_file(tmp_path / "bad.pth", clip, head=20_000)  # head values the model does not hold yet
     with pytest.raises(RuntimeError, match=expected) as info:
-        clouds.load_official(tmp_path / "bad.pth", model=convnext_large)
+        checkpoints.load_official(tmp_path / "bad.pth", model=convnext_large)
     assert "0 missing" in str(info.value) or case == "missing"
     assert "preset" in str(info.value)  # says what to do
     # checked before anything loads: the head did not take the file's values
@@ -476,7 +477,7 @@ def test_load_official_builds_rn50_from_file(tmp_path):
     assert visual["visual.layer3.5.conv1.weight"].shape == (256, 1024, 1, 1)  # RN50: 6 layer3 blocks
     _official_file(tmp_path / "rn50.pth", visual, head, other=False)  # image tower only
     with pytest.warns(UserWarning, match="150 CLIP text-tower tensors were not in the file"):
-        model, report = clouds.load_official(tmp_path / "rn50.pth")  # model=None: preset inferred, built here
+        model, report = checkpoints.load_official(tmp_path / "rn50.pth")  # model=None: preset inferred, built here
     assert report["preset"] == "rn50" and report["backbone_loaded"] == report["backbone_visual"] == 339
     assert report["backbone_missing"] == 150 and report["file_keys"] == 292 + 339
     assert clouds.head_parameter_count(model) == 20_499_668  # official_checkpoint_keys.md §6.1
@@ -491,10 +492,10 @@ def test_load_official_builds_rn50_from_file(tmp_path):
 
 def test_infer_preset_from_head():
     head = {"pixel_decoder.input_proj.0.0.weight": torch.zeros(256, 2048, 1, 1)}
-    assert clouds._infer_preset(head, {"visual.layer3.22.conv1.weight": 0, "visual.layer3.6.conv1.weight": 0}) == "rn101"
-    assert clouds._infer_preset(head, {"visual.layer3.5.conv1.weight": 0}) == "rn50"
+    assert checkpoints._infer_preset(head, {"visual.layer3.22.conv1.weight": 0, "visual.layer3.6.conv1.weight": 0}) == "rn101"
+    assert checkpoints._infer_preset(head, {"visual.layer3.5.conv1.weight": 0}) == "rn50"
     head = {"pixel_decoder.input_proj.0.0.weight": torch.zeros(256, 1536, 1, 1)}
-    assert clouds._infer_preset(head, {}) == "convnext_large"
+    assert checkpoints._infer_preset(head, {}) == "convnext_large"
 
 
 def test_head_parameter_counts(convnext_large):
@@ -513,9 +514,9 @@ def test_checkpoint_round_trip(tmp_path):
     with torch.no_grad():  # make the backbone differ from any fresh random init
         next(model.backbone.clip_model.visual.trunk.parameters()).add_(1.0)
     path = tmp_path / "ckpt.pt"
-    clouds.save_checkpoint(path, model, step=5)
+    checkpoints.save_checkpoint(path, model, step=5)
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # atomic write leaves no temp file
-    loaded, ckpt = clouds.load_checkpoint(path)
+    loaded, ckpt = checkpoints.load_checkpoint(path)
     assert ckpt["version"] == 1 and ckpt["step"] == 5 and ckpt["config"]["train_backbone"] is True
     x = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)
     model.eval(), loaded.eval()
@@ -525,14 +526,14 @@ def test_checkpoint_round_trip(tmp_path):
 
     # A frozen random-init backbone cannot come back from open_clip: it is saved, and predictions survive the trip.
     frozen = clouds.build_model("tiny")
-    clouds.save_checkpoint(tmp_path / "frozen.pt", frozen)
-    reloaded, _ = clouds.load_checkpoint(tmp_path / "frozen.pt")
+    checkpoints.save_checkpoint(tmp_path / "frozen.pt", frozen)
+    reloaded, _ = checkpoints.load_checkpoint(tmp_path / "frozen.pt")
     reloaded.eval(), frozen.eval()
     with torch.no_grad():
         assert torch.equal(frozen(x)["pred_masks"], reloaded(x)["pred_masks"])
     # A frozen backbone with pretrained weights is not duplicated into the checkpoint.
     frozen.cfg.pretrained = "laion2b_s29b_b131k_ft_soup"
-    clouds.save_checkpoint(tmp_path / "pretrained.pt", frozen)
+    checkpoints.save_checkpoint(tmp_path / "pretrained.pt", frozen)
     keys = torch.load(tmp_path / "pretrained.pt", weights_only=True)["model"].keys()
     assert all(k.startswith("sem_seg_head.") for k in keys)
 
@@ -541,18 +542,18 @@ def test_checkpoint_round_trip(tmp_path):
     torch_save, torch.save = torch.save, boom
     try:
         with pytest.raises(OSError, match="disk full"):
-            clouds.save_checkpoint(path, frozen)
+            checkpoints.save_checkpoint(path, frozen)
     finally:
         torch.save = torch_save
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "frozen.pt", "pretrained.pt"]  # the old file survives, no temp left
-    assert clouds.load_checkpoint(path)[1]["step"] == 5
+    assert checkpoints.load_checkpoint(path)[1]["step"] == 5
 
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="not a readable torch checkpoint"):
-        clouds.load_checkpoint(tmp_path / "junk.pt")
+        checkpoints.load_checkpoint(tmp_path / "junk.pt")
     torch.save({"model": {}}, tmp_path / "foreign.pt")
     with pytest.raises(RuntimeError, match="not a clouds checkpoint.*load_official"):
-        clouds.load_checkpoint(tmp_path / "foreign.pt")
+        checkpoints.load_checkpoint(tmp_path / "foreign.pt")
 
 
 def test_missing_weights_error():

@@ -252,6 +252,7 @@ def fake_clouds(monkeypatch, tmp_path):
 
     mod = types.SimpleNamespace(load_checkpoint=load_checkpoint, build_model=build_model, load_official=load_official)
     monkeypatch.setitem(sys.modules, "clouds", mod)
+    monkeypatch.setitem(sys.modules, "checkpoints", mod)  # evaluate.load_model loads through checkpoints.py
     return model, calls
 
 
@@ -371,10 +372,11 @@ def test_images_inference_with_a_tiny_checkpoint(tmp_path, monkeypatch, capsys):
     """--weights W --images DIR --save-pred OUT: per image a train-id PNG, a colour PNG and an overlay, at the
     image's own size, against the model's own prediction; a rerun is refused unless --overwrite."""
     clouds = pytest.importorskip("clouds", reason="clouds.py is another helper's file")
+    checkpoints = pytest.importorskip("checkpoints", reason="checkpoints.py is another helper's file")
     monkeypatch.setenv("CLOUDS_OPS_IMPL", "ref")
     torch.manual_seed(0)
     model = clouds.build_model("tiny")
-    clouds.save_checkpoint(tmp_path / "tiny.pt", model)
+    checkpoints.save_checkpoint(tmp_path / "tiny.pt", model)
     rng = np.random.default_rng(0)
     sizes = {"a": (40, 60), "b": (50, 33)}  # landscape and portrait, not multiples of 32
     for stem, (h, w) in sizes.items():

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoints
 import clouds
 import ops
 
@@ -102,7 +103,7 @@ def model(G):
     torch.manual_seed(0)
     m = clouds.build_model("tiny", **cfg)
     m.sem_seg_head = clouds.CLOUDSHead(m.cfg, IN_CHANNELS)
-    clouds._load_head_strict(m.sem_seg_head, clouds._prefixed(G["state_dict"], "sem_seg_head."), str(GOLDEN))
+    checkpoints._load_head_strict(m.sem_seg_head, checkpoints._prefixed(G["state_dict"], "sem_seg_head."), str(GOLDEN))
     return m.eval()
 
 
@@ -176,7 +177,7 @@ def golden_outputs(G):
 
 def test_state_dict_loads_strictly(G, model):
     head = model.sem_seg_head
-    sd = clouds._prefixed(G["state_dict"], "sem_seg_head.")
+    sd = checkpoints._prefixed(G["state_dict"], "sem_seg_head.")
     assert len(sd) == len(G["state_dict"]) == 120
     assert list(head.state_dict()) == list(sd)  # same names in the same order as the official module tree
     assert all(torch.equal(head.state_dict()[k], v) for k, v in sd.items())
@@ -184,7 +185,7 @@ def test_state_dict_loads_strictly(G, model):
     broken = dict(sd)
     broken["predictor.class_embed.weight"] = broken["predictor.class_embed.weight"][:-1]  # 4 classes + no-object
     with pytest.raises(RuntimeError, match=r"1 shape-mismatched \['predictor.class_embed.weight: file \(5, 32\)"):
-        clouds._load_head_strict(clouds.CLOUDSHead(model.cfg, IN_CHANNELS), broken, "golden")
+        checkpoints._load_head_strict(clouds.CLOUDSHead(model.cfg, IN_CHANNELS), broken, "golden")
 
 
 def test_pixel_decoder_outputs(G, ours):

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+import checkpoints
 import clouds
 import generate
 import train
@@ -87,7 +88,7 @@ def test_warmup_writes_run_files(run_all):
     evals = [r for r in recs if "eval" in r]
     assert len(evals) == 1 and 0 <= evals[0]["eval"]["cityscapes"]["mIoU"] <= 1
     assert result["phases"]["warmup"]["eval"]["cityscapes"]["mIoU"] == evals[0]["eval"]["cityscapes"]["mIoU"]
-    model, ckpt = clouds.load_checkpoint(out / "model_final.pt")
+    model, ckpt = checkpoints.load_checkpoint(out / "model_final.pt")
     assert ckpt["config"]["train_backbone"] and "trainer" not in ckpt
     last = load(out / "last.pt")
     assert last["trainer"]["iteration"] == 2 and last["trainer"]["teacher"] is None

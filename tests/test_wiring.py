@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
+import checkpoints
 import clouds
 import data
 import generate
@@ -45,7 +46,7 @@ def inputs(toy_root, tmp_path_factory):
                    "--no-progress"])
     torch.manual_seed(123)
     weights = tmp_path_factory.mktemp("wiring_weights") / "warm.pt"
-    clouds.save_checkpoint(weights, clouds.build_model("tiny", train_backbone=True))
+    checkpoints.save_checkpoint(weights, clouds.build_model("tiny", train_backbone=True))
     return toy_root, gen, weights
 
 

@@ -33,7 +33,7 @@ TEST_DATASETS = tuple(d for d in data.DATASETS if d != "generated")
 @dataclass
 class EvalConfig:
     """evaluate.py's settings. Field `short_side` is the flag `--short-side`; its metadata holds the keyword arguments
-    of `add_argument` (help, and "alias": a second spelling), so the --help text sits beside the default."""
+    of argparse: "help" (required) and "alias" (a second spelling), so the --help text sits beside the default."""
     data_root: str = field(default="datasets", metadata={  # official: every list path starts with datasets/
         "help": "datasets root (holding cityscapes/, bdd10k/, mapillary_vistas/, acdc/, ...)"})
     # §1.4: the GTA/SYNTHIA test sets (Cityscapes: acdc_* too)
@@ -109,12 +109,13 @@ def parse_args(argv=None) -> EvalConfig:
     for f in fields(EvalConfig):
         extra = dict(f.metadata)
         flags = [f"--{f.name.replace('_', '-')}"] + ([extra.pop("alias")] if "alias" in extra else [])
+        help_ = extra.pop("help")  # KeyError: a new field needs its --help text
         if f.type is bool or isinstance(f.default, bool):
-            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default, **extra)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
         elif isinstance(f.default, tuple):  # names checked in EvalConfig (one message with the valid ones)
-            parser.add_argument(*flags, nargs="+", default=f.default, metavar="NAME", **extra)
+            parser.add_argument(*flags, nargs="+", default=f.default, help=help_, metavar="NAME")
         else:
-            parser.add_argument(*flags, type=type(f.default), default=f.default, **extra)
+            parser.add_argument(*flags, type=type(f.default), default=f.default, help=help_)
     return EvalConfig(**vars(parser.parse_args(argv)))
 
 

@@ -50,7 +50,7 @@ BACKENDS = ("diffusers", "toy")
 @dataclass
 class GenerateConfig:
     """generate.py's settings. Field `num_images` is the flag `--num-images`; its metadata holds the keyword arguments
-    of `add_argument` (help, choices, required), so the --help text sits beside the default."""
+    of `add_argument` ("help" required, "choices", "required"), so the --help text sits beside the default."""
     out: str = field(default="", metadata={
         "required": True, "help": "output folder: images/im_{j}_p{k}.png, manifest.jsonl, config.json (required)"})
     prompts: str = field(default=str(DEFAULT_PROMPTS), metadata={  # official: prompt_llama70b.txt; ours: original text
@@ -130,11 +130,12 @@ def parse_args(argv=None) -> GenerateConfig:
     hints = get_type_hints(GenerateConfig)
     for f in dataclasses.fields(GenerateConfig):
         flag, kind, extra = "--" + f.name.replace("_", "-"), hints[f.name], dict(f.metadata)
+        help_ = extra.pop("help")  # KeyError: a new field needs its --help text
         if kind is bool or kind == Optional[bool]:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, **extra)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_, **extra)
         else:
             base = {Optional[int]: int, Optional[str]: str}.get(kind, kind)
-            parser.add_argument(flag, type=base, default=f.default, **extra)
+            parser.add_argument(flag, type=base, default=f.default, help=help_, **extra)
     return GenerateConfig(**vars(parser.parse_args(argv)))
 
 

@@ -518,9 +518,10 @@ def convert(dataset: str, root, nproc: int = None, progress: bool = True) -> int
 # ---- command line ----
 
 def _parser():
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    """`data.py [--debug] {convert,info} ...`; booleans are `--flag/--no-flag` (--debug also after the command)."""
+    fmt, flag = argparse.ArgumentDefaultsHelpFormatter, argparse.BooleanOptionalAction
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=fmt)
-    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    parser.add_argument("--debug", action=flag, default=False, help="show the Python traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     conv = sub.add_parser("convert", help="write *_labelTrainIds.png beside the raw labels", formatter_class=fmt)
     conv.add_argument("dataset", choices=[n for n, l in DATASETS.items() if l.raw_suffix] + ["bdd"]
@@ -528,14 +529,14 @@ def _parser():
                       help="dataset whose raw label ids to convert (bdd and acdc_* ship train ids: nothing to do)")
     conv.add_argument("root", help="datasets root (holding gta5/, synthia/, cityscapes/, mapillary_vistas/)")
     conv.add_argument("--nproc", type=int, default=None, help="worker processes; None = all CPUs")
-    conv.add_argument("--no-progress", action="store_true", help="no progress bar")
-    conv.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="as above")
+    conv.add_argument("--progress", action=flag, default=True, help="progress bar")
+    conv.add_argument("--debug", action=flag, default=argparse.SUPPRESS, help="as above")
     info = sub.add_parser("info", help="check a dataset's layout and print its size", formatter_class=fmt)
     info.add_argument("dataset", choices=list(DATASETS), help="dataset name")
     info.add_argument("root", help="datasets root (for generated: generate.py's --out folder)")
     info.add_argument("--split", default=None, choices=("train", "val"), help="None = the official split "
                       "(train for gta, synthia, generated; val for the test sets)")
-    info.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="as above")
+    info.add_argument("--debug", action=flag, default=argparse.SUPPRESS, help="as above")
     return parser
 
 
@@ -550,7 +551,7 @@ def _command(argv):
     if problems:
         raise ValueError(f"{len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
     if args.command == "convert":
-        n = convert(args.dataset, args.root, args.nproc, progress=not args.no_progress)
+        n = convert(args.dataset, args.root, args.nproc, progress=args.progress)
         print(f"{args.dataset}: wrote {n} *_labelTrainIds.png files under {Path(args.root).absolute()}")
         return n
     ds = build_dataset(args.dataset, args.root, args.split)

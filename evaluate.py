@@ -27,26 +27,50 @@ import data
 
 # ---- config ----
 
+TEST_DATASETS = tuple(d for d in data.DATASETS if d != "generated")
+
 
 @dataclass
 class EvalConfig:
-    data_root: str = "datasets"                           # official: every list path starts with datasets/
-    datasets: tuple = ("cityscapes", "bdd", "mapillary")  # §1.4: GTA/SYNTHIA test sets (Cityscapes: acdc_* too)
-    weights: str = ""            # our checkpoint (clouds.save_checkpoint), or an official one with --official
-    official: bool = False       # load an official detectron2 checkpoint through clouds.load_official
-    preset: str = ""             # --official: clouds preset to build first ("" = inferred from the file's keys)
-    clip_weights: str = ""       # local open_clip weights for a backbone that the checkpoint does not hold
-    pred_dir: str = ""           # score a folder of predicted train-id PNGs <image stem>.png instead of a model
-    images: str = ""             # predict a folder of the user's own images (no GT) into --save-pred
-    split: str = ""              # dataset split ("" = data.default_split: val for the test sets)
-    short_side: int = 1024       # official MapperTest ResizeShortestEdge(1024, max_size=inf)
-    save_pred: str = ""          # write predictions to <dir>/<dataset>/<stem>.png (train ids) and <stem>_color.png
-    out: str = ""                # write the metrics as JSON here
-    device: str = "auto"         # cpu, cuda, cuda:N or auto (cuda when available)
-    workers: int = 2             # DataLoader workers for reading and resizing
-    progress: bool = True        # tqdm bars
-    overwrite: bool = False      # --images: replace existing prediction files
-    debug: bool = False          # errors with their traceback
+    """evaluate.py's settings. Field `short_side` is the flag `--short-side`; its metadata holds the keyword arguments
+    of argparse: "help" (required) and "alias" (a second spelling), so the --help text sits beside the default."""
+    data_root: str = field(default="datasets", metadata={  # official: every list path starts with datasets/
+        "help": "datasets root (holding cityscapes/, bdd10k/, mapillary_vistas/, acdc/, ...)"})
+    # §1.4: the GTA/SYNTHIA test sets (Cityscapes: acdc_* too)
+    datasets: tuple = field(default=("cityscapes", "bdd", "mapillary"), metadata={
+        "alias": "--dataset", "help": "test datasets, one or more of: " + ", ".join(TEST_DATASETS)})
+    weights: str = field(default="", metadata={  # our checkpoint (clouds.save_checkpoint), or official (--official)
+        "help": "checkpoint to evaluate: ours (train.py model_final.pt) or an official one with --official"})
+    official: bool = field(default=False, metadata={  # load an official detectron2 checkpoint: clouds.load_official
+        "help": "--weights is an official detectron2 CLOUDS checkpoint"})
+    preset: str = field(default="", metadata={  # --official: clouds preset to build first ("" = from the keys)
+        "help": "--official: model preset (convnext_large, rn50, rn101, tiny); '' = inferred from the file"})
+    clip_weights: str = field(default="", metadata={
+        "help": "local open_clip weights, for a backbone the checkpoint does not hold"})
+    pred_dir: str = field(default="", metadata={  # score saved predictions instead of a model
+        "help": "score a folder of train-id PNGs <image stem>.png instead of a model (one --dataset)"})
+    images: str = field(default="", metadata={  # the user's own images (no GT) -> --save-pred
+        "help": "predict a folder of your own images (no ground truth): writes <stem>.png (train ids), "
+                "<stem>_color.png and <stem>_overlay.png at each image's size into --save-pred"})
+    split: str = field(default="", metadata={  # "" = data.default_split: val for the test sets
+        "help": "dataset split; '' = the official one (val for the test sets)"})
+    short_side: int = field(default=1024, metadata={  # official MapperTest ResizeShortestEdge(1024, max_size=inf)
+        "help": "test-time short side in pixels (official 1024, ResizeShortestEdge)"})
+    save_pred: str = field(default="", metadata={
+        "help": "write the predictions here: <dir>/<dataset>/<stem>.png and <stem>_color.png (with --images: "
+                "<dir>/<stem>.png, _color.png, _overlay.png)"})
+    out: str = field(default="", metadata={
+        "help": "write the metrics as JSON to this file"})
+    device: str = field(default="auto", metadata={
+        "help": "cpu, cuda, cuda:N or auto (cuda when available)"})
+    workers: int = field(default=2, metadata={
+        "help": "DataLoader workers for reading and resizing"})
+    progress: bool = field(default=True, metadata={  # tqdm bars
+        "help": "progress bars"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "--images: replace prediction files already in --save-pred (otherwise refused)"})
+    debug: bool = field(default=False, metadata={
+        "help": "show the Python traceback of an error"})
 
     def __post_init__(self):
         self.datasets = tuple(self.datasets)
@@ -72,47 +96,26 @@ class EvalConfig:
             raise ValueError(_problems(problems))
 
 
-TEST_DATASETS = tuple(d for d in data.DATASETS if d != "generated")
-HELP = {  # EvalConfig fields -> --help text
-    "data_root": "datasets root (holding cityscapes/, bdd10k/, mapillary_vistas/, acdc/, ...)",
-    "datasets": "test datasets, one or more of: " + ", ".join(TEST_DATASETS),
-    "weights": "checkpoint to evaluate: ours (train.py model_final.pt) or an official one with --official",
-    "official": "--weights is an official detectron2 CLOUDS checkpoint",
-    "preset": "--official: model preset (convnext_large, rn50, rn101, tiny); '' = inferred from the file",
-    "clip_weights": "local open_clip weights, for a backbone the checkpoint does not hold",
-    "pred_dir": "score a folder of train-id PNGs <image stem>.png instead of a model (one --dataset)",
-    "images": "predict a folder of your own images (no ground truth): writes <stem>.png (train ids), "
-              "<stem>_color.png and <stem>_overlay.png at each image's size into --save-pred",
-    "split": "dataset split; '' = the official one (val for the test sets)",
-    "short_side": "test-time short side in pixels (official 1024, ResizeShortestEdge)",
-    "save_pred": "write the predictions here: <dir>/<dataset>/<stem>.png and <stem>_color.png (with --images: "
-                 "<dir>/<stem>.png, _color.png, _overlay.png)",
-    "out": "write the metrics as JSON to this file",
-    "device": "cpu, cuda, cuda:N or auto (cuda when available)",
-    "workers": "DataLoader workers for reading and resizing",
-    "progress": "progress bars",
-    "overwrite": "--images: replace prediction files already in --save-pred (otherwise refused)",
-    "debug": "show the Python traceback of an error",
-}
-
-
 def _problems(problems: list) -> str:
     """One message listing every problem."""
     return f"{len(problems)} problem(s):\n  - " + "\n  - ".join(problems)
 
 
 def parse_args(argv=None) -> EvalConfig:
-    """argparse generated from EvalConfig's fields (`--dataset` is an alias of `--datasets`)."""
+    """argparse generated from EvalConfig's fields (help text from each field's metadata; `--dataset` is an alias of
+    `--datasets`); booleans are `--flag/--no-flag`."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(EvalConfig):
-        flags = [f"--{f.name.replace('_', '-')}"] + (["--dataset"] if f.name == "datasets" else [])
+        extra = dict(f.metadata)
+        flags = [f"--{f.name.replace('_', '-')}"] + ([extra.pop("alias")] if "alias" in extra else [])
+        help_ = extra.pop("help")  # KeyError: a new field needs its --help text
         if f.type is bool or isinstance(f.default, bool):
-            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default, help=HELP[f.name])
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
         elif isinstance(f.default, tuple):  # names checked in EvalConfig (one message with the valid ones)
-            parser.add_argument(*flags, nargs="+", default=f.default, help=HELP[f.name], metavar="NAME")
+            parser.add_argument(*flags, nargs="+", default=f.default, help=help_, metavar="NAME")
         else:
-            parser.add_argument(*flags, type=type(f.default), default=f.default, help=HELP[f.name])
+            parser.add_argument(*flags, type=type(f.default), default=f.default, help=help_)
     return EvalConfig(**vars(parser.parse_args(argv)))
 
 

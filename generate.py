@@ -32,7 +32,7 @@ import re
 import string
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, get_type_hints
 
@@ -49,27 +49,52 @@ BACKENDS = ("diffusers", "toy")
 
 @dataclass
 class GenerateConfig:
-    out: str = ""                                    # output folder (required)
-    prompts: str = str(DEFAULT_PROMPTS)              # official: prompt_llama70b.txt (100 lines); ours is original text
-    num_images: int = 5000                           # official --num-images default (50 images per prompt)
-    backend: str = "diffusers"                       # "diffusers" (Stable Diffusion) or "toy" (offline ToyCity)
-    model: str = "stabilityai/stable-diffusion-2"    # official model (768-v); a hub id or a local folder
-    steps: int = 50                                  # official num_inference_steps
-    guidance: float = 7.5                            # official guidance_scale
-    height: Optional[int] = None                     # official 768 (diffusers); toy default 192
-    width: Optional[int] = None                      # official 768 (diffusers); toy default 192
-    batch_size: int = 1                              # official: one image per pipeline call
-    base_seed: int = 0                               # official: no seed (not reproducible); image j uses base_seed + j
-    part: int = 0                                    # this job's part (official --part), combined with torchrun RANK
-    num_parts: int = 1                               # number of independent jobs sharing the index range
-    device: Optional[str] = None                     # default: cuda if available, else cpu
-    fp16: Optional[bool] = None                      # official: fp16 on CUDA; default fp16 on cuda, fp32 on cpu
-    llm: Optional[str] = None                        # local causal LM (path or hub id) that writes new prompts first
-    llm_num: int = 100                               # official: 100 prompts
-    merge_only: bool = False                         # only rebuild manifest.jsonl from the part files
-    progress: bool = True                            # tqdm bar
-    overwrite: bool = False                          # replace a folder made with other settings (else refused)
-    debug: bool = False                              # errors with their traceback
+    """generate.py's settings. Field `num_images` is the flag `--num-images`; its metadata holds the keyword arguments
+    of `add_argument` ("help" required, "choices", "required"), so the --help text sits beside the default."""
+    out: str = field(default="", metadata={
+        "required": True, "help": "output folder: images/im_{j}_p{k}.png, manifest.jsonl, config.json (required)"})
+    prompts: str = field(default=str(DEFAULT_PROMPTS), metadata={  # official: prompt_llama70b.txt; ours: original text
+        "help": "prompt file, one per line (# comments); image j uses prompt j mod number of prompts"})
+    num_images: int = field(default=5000, metadata={  # official --num-images default (50 images per prompt)
+        "help": "images in the whole folder, over all shards (official 5000: 50 per prompt)"})
+    backend: str = field(default="diffusers", metadata={  # "diffusers" (Stable Diffusion) or "toy" (offline ToyCity)
+        "choices": BACKENDS,
+        "help": "diffusers = Stable Diffusion (official); toy = offline ToyCity renderer (no weights)"})
+    model: str = field(default="stabilityai/stable-diffusion-2", metadata={  # official model (768-v)
+        "help": "diffusers model: a hub id or a local folder (official stable-diffusion-2, 768-v)"})
+    steps: int = field(default=50, metadata={  # official num_inference_steps
+        "help": "denoising steps (official num_inference_steps)"})
+    guidance: float = field(default=7.5, metadata={  # official guidance_scale
+        "help": "classifier-free guidance scale (official)"})
+    height: Optional[int] = field(default=None, metadata={  # official 768 (diffusers); toy default 192
+        "help": "image height; None = 768 (diffusers, official) or 192 (toy)"})
+    width: Optional[int] = field(default=None, metadata={  # official 768 (diffusers); toy default 192
+        "help": "image width; None = 768 (diffusers, official) or 192 (toy)"})
+    batch_size: int = field(default=1, metadata={  # official: one image per pipeline call
+        "help": "images per pipeline call (the images do not depend on it)"})
+    base_seed: int = field(default=0, metadata={  # official: no seed (not reproducible); image j uses base_seed + j
+        "help": "image j is sampled with seed base_seed + j (official: unseeded)"})
+    part: int = field(default=0, metadata={  # this job's part (official --part), combined with torchrun RANK
+        "help": "this job's part, combined with torchrun's RANK (official --part)"})
+    num_parts: int = field(default=1, metadata={  # official: one job per --part
+        "help": "independent jobs sharing the index range"})
+    device: Optional[str] = field(default=None, metadata={  # default: cuda if available, else cpu
+        "help": "torch device; None = cuda:LOCAL_RANK if available, else cpu"})
+    fp16: Optional[bool] = field(default=None, metadata={  # official: fp16 on CUDA; default fp16 on cuda, fp32 on cpu
+        "help": "half precision; None = fp16 on cuda, fp32 on cpu"})
+    llm: Optional[str] = field(default=None, metadata={  # writes new prompts before any image
+        "help": "local causal LM (folder or hub id) that first writes OUT/prompts.txt (replaces --prompts)"})
+    llm_num: int = field(default=100, metadata={  # official: 100 prompts
+        "help": "prompts the LLM writes (official 100)"})
+    merge_only: bool = field(default=False, metadata={
+        "help": "only rebuild manifest.jsonl from the part files"})
+    progress: bool = field(default=True, metadata={  # tqdm bar
+        "help": "progress bar"})
+    overwrite: bool = field(default=False, metadata={  # replace a folder made with other settings (else refused)
+        "help": "delete the images and manifests of an --out folder made with other settings and start over "
+                "(otherwise refused); with shards, run it once first (e.g. --num-images 0)"})
+    debug: bool = field(default=False, metadata={
+        "help": "show the Python traceback of an error"})
 
     def __post_init__(self):
         problems = []
@@ -92,50 +117,25 @@ class GenerateConfig:
             raise ValueError(_problems(problems))
 
 
-HELP = {  # GenerateConfig fields -> --help text
-    "out": "output folder: images/im_{j}_p{k}.png, manifest.jsonl, config.json (required)",
-    "prompts": "prompt file, one per line (# comments); image j uses prompt j mod number of prompts",
-    "num_images": "images in the whole folder, over all shards (official 5000: 50 per prompt)",
-    "backend": "diffusers = Stable Diffusion (official); toy = offline ToyCity renderer (no weights)",
-    "model": "diffusers model: a hub id or a local folder (official stable-diffusion-2, 768-v)",
-    "steps": "denoising steps (official num_inference_steps)", "guidance": "classifier-free guidance scale (official)",
-    "height": "image height; None = 768 (diffusers, official) or 192 (toy)",
-    "width": "image width; None = 768 (diffusers, official) or 192 (toy)",
-    "batch_size": "images per pipeline call (the images do not depend on it)",
-    "base_seed": "image j is sampled with seed base_seed + j (official: unseeded)",
-    "part": "this job's part, combined with torchrun's RANK (official --part)",
-    "num_parts": "independent jobs sharing the index range",
-    "device": "torch device; None = cuda:LOCAL_RANK if available, else cpu",
-    "fp16": "half precision; None = fp16 on cuda, fp32 on cpu",
-    "llm": "local causal LM (folder or hub id) that first writes OUT/prompts.txt (replaces --prompts)",
-    "llm_num": "prompts the LLM writes (official 100)",
-    "merge_only": "only rebuild manifest.jsonl from the part files",
-    "progress": "progress bar",
-    "overwrite": "delete the images and manifests of an --out folder made with other settings and start over "
-                 "(otherwise refused); with shards, run it once first (e.g. --num-images 0)",
-    "debug": "show the Python traceback of an error",
-}
-
-
 def _problems(problems: list) -> str:
     """One message listing every problem."""
     return f"{len(problems)} problem(s):\n  - " + "\n  - ".join(problems)
 
 
 def parse_args(argv=None) -> GenerateConfig:
-    """argparse generated from the GenerateConfig fields (`num_images` -> `--num-images`)."""
+    """argparse generated from the GenerateConfig fields (`num_images` -> `--num-images`, help text and choices from
+    each field's metadata); booleans are `--flag/--no-flag`."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = get_type_hints(GenerateConfig)
     for f in dataclasses.fields(GenerateConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
+        flag, kind, extra = "--" + f.name.replace("_", "-"), hints[f.name], dict(f.metadata)
+        help_ = extra.pop("help")  # KeyError: a new field needs its --help text
         if kind is bool or kind == Optional[bool]:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=HELP[f.name])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_, **extra)
         else:
             base = {Optional[int]: int, Optional[str]: str}.get(kind, kind)
-            parser.add_argument(flag, type=base, default=f.default, required=f.name == "out", help=HELP[f.name],
-                                choices=BACKENDS if f.name == "backend" else None)
+            parser.add_argument(flag, type=base, default=f.default, help=help_, **extra)
     return GenerateConfig(**vars(parser.parse_args(argv)))
 
 

@@ -20,7 +20,7 @@ import os
 import sys
 import tempfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -79,14 +79,33 @@ def predictor_problems(name: str, checkpoint=None, flag: str = "--checkpoint") -
 
 @dataclass
 class RefineConfig:
-    min_area: int = 5000          # official SAM.SIZE_THRESHOLD (strict: area > min_area is prompted)
-    num_points: int = 5           # official SAM.NUM_POINTS (all positive)
-    mode: str = "random"          # official SAM.SELECTION_MODE; "interior" = points far from the component border
-    erosion: bool = False         # official SAM.EROSION
-    erosion_size: int = 3         # official SAM.EROSION_SIZE (square structuring element)
-    rm_intersection: bool = True  # official SAM.RM_INTERSECTION
-    connectivity: int = 4         # official: scipy.ndimage.label default structure (cross = 4-connectivity)
-    uncovered: str = "drop"       # official "drop": pixels in no mask are negatives for all masks; "ignore": left out
+    """Settings of the refinement. Field `min_area` is the flag `--min-area` of refine.py; its metadata holds the
+    keyword arguments of `add_argument` ("help" required, "choices"), so the --help text sits beside the official
+    name."""
+    min_area: int = field(default=5000, metadata={  # official SAM.SIZE_THRESHOLD (strict: area > min_area)
+        "help": "prompt components with more than this many pixels (official SAM.SIZE_THRESHOLD; scale it with the "
+                "image area, e.g. ~300 for 192x192 ToyCity images)"})
+    num_points: int = field(default=5, metadata={  # official SAM.NUM_POINTS (all positive)
+        "help": "positive points per prompted component (official SAM.NUM_POINTS)"})
+    # official SAM.SELECTION_MODE; "interior" = points far from the component border
+    mode: str = field(default="random", metadata={
+        "choices": ("random", "interior"),
+        "help": "where the points are drawn: anywhere in the component (official) or far from its border"})
+    erosion: bool = field(default=False, metadata={  # official SAM.EROSION
+        "help": "draw the points from the eroded component (official SAM.EROSION)"})
+    erosion_size: int = field(default=3, metadata={  # official SAM.EROSION_SIZE (square structuring element)
+        "help": "square erosion size in pixels (official SAM.EROSION_SIZE)"})
+    rm_intersection: bool = field(default=True, metadata={  # official SAM.RM_INTERSECTION
+        "help": "drop pixels claimed by two or more masks (official SAM.RM_INTERSECTION)"})
+    # official: scipy.ndimage.label default structure (cross = 4-connectivity)
+    connectivity: int = field(default=4, metadata={
+        "choices": (4, 8),
+        "help": "pixel connectivity of the per-class components (official: 4, scipy.ndimage.label)"})
+    # official "drop": pixels in no mask are negatives for all masks; "ignore": left out
+    uncovered: str = field(default="drop", metadata={
+        "choices": ("drop", "ignore"),
+        "help": "pixels in no mask: 'drop' = negatives for every mask in training (official), 'ignore' = left out; "
+                "in the written PNGs they are 255 either way"})
 
     def __post_init__(self):
         if self.mode not in ("random", "interior"):
@@ -455,19 +474,6 @@ def _save_png(path: Path, array: np.ndarray):
     _atomic(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
 
 
-HELP = {  # RefineConfig fields -> --help text (the official names are in RefineConfig's comments)
-    "min_area": "prompt components with more than this many pixels (official SAM.SIZE_THRESHOLD; scale it with the "
-                "image area, e.g. ~300 for 192x192 ToyCity images)",
-    "num_points": "positive points per prompted component (official SAM.NUM_POINTS)",
-    "mode": "where the points are drawn: anywhere in the component (official) or far from its border",
-    "erosion": "draw the points from the eroded component (official SAM.EROSION)",
-    "erosion_size": "square erosion size in pixels (official SAM.EROSION_SIZE)",
-    "rm_intersection": "drop pixels claimed by two or more masks (official SAM.RM_INTERSECTION)",
-    "connectivity": "pixel connectivity of the per-class components (official: 4, scipy.ndimage.label)",
-    "uncovered": "pixels in no mask: 'drop' = negatives for every mask in training (official), 'ignore' = left out; "
-                 "in the written PNGs they are 255 either way",
-}
-CHOICES = {"mode": ("random", "interior"), "uncovered": ("drop", "ignore"), "connectivity": (4, 8)}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 VALID_IDS = np.zeros(256, bool)
 VALID_IDS[:len(PALETTE)] = VALID_IDS[IGNORE_INDEX] = True  # train ids {0..18} and ignore
@@ -553,6 +559,8 @@ def panel(images, titles, label_maps, class_names=None) -> np.ndarray:
 
 
 def parse_args(argv=None):
+    """argparse for refine.py -> (args, RefineConfig): the run's own flags, then one flag per RefineConfig field (help
+    text and choices from the field's metadata); booleans are `--flag/--no-flag`."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--images", required=True, help="folder of RGB images (png/jpg), e.g. generate.py's "
@@ -569,17 +577,18 @@ def parse_args(argv=None):
                         + ", ".join(f"{k}: {v}" for k, v in DEFAULT_CHECKPOINTS.items()))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--seed", type=int, default=0, help="points of image <stem> use seed ^ crc32(stem)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an --out folder made with "
-                        "other settings (otherwise refused); without it a rerun with the same settings resumes")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    flag = argparse.BooleanOptionalAction
+    parser.add_argument("--overwrite", action=flag, default=False, help="replace the outputs of an --out folder made "
+                        "with other settings (otherwise refused); without it a rerun with the same settings resumes")
+    parser.add_argument("--progress", action=flag, default=True, help="progress bar")
+    parser.add_argument("--debug", action=flag, default=False, help="show the Python traceback of an error")
     for f in dataclasses.fields(RefineConfig):
-        flag = "--" + f.name.replace("_", "-")
+        name, extra = "--" + f.name.replace("_", "-"), dict(f.metadata)
+        help_ = extra.pop("help")  # KeyError: a new field needs its --help text
         if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=HELP[f.name])
+            parser.add_argument(name, action=flag, default=f.default, help=help_, **extra)
         else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, choices=CHOICES.get(f.name),
-                                help=HELP[f.name])
+            parser.add_argument(name, type=type(f.default), default=f.default, help=help_, **extra)
     args = parser.parse_args(argv)
     cfg = RefineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RefineConfig)})
     return args, cfg
@@ -666,7 +675,7 @@ def _run(argv):
     _atomic(saved, lambda f: f.write(json.dumps(config, indent=2).encode("utf-8")))  # before any output
     predictor = None
     summary = {"refined": 0, "skipped": 0, "fallback": 0, "coverage": [], "out": str(out)}
-    for image_path, label_path in tqdm(pairs, desc="refine", disable=args.no_progress):
+    for image_path, label_path in tqdm(pairs, desc="refine", disable=not args.progress):
         stem = image_path.stem
         if (out / f"{stem}.png").is_file() and (out / f"{stem}_vis.png").is_file():
             summary["skipped"] += 1  # resume

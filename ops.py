@@ -1,4 +1,4 @@
-"""Fast ops for CLOUDS: connected components and point prompts (Sec. 3.2, reference §5.2), Mask2Former semantic
+"""Fast ops for CLOUDS: connected components and point prompts (Sec. 3.3, reference §5.2), Mask2Former semantic
 inference (reference §3.4) and multi-scale deformable attention (Sec. 3.1, forward and backward), as a C++/CUDA
 extension with a pure-PyTorch reference for each op.
 
@@ -20,7 +20,7 @@ import os
 import subprocess
 import time
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -38,13 +38,15 @@ MODES = ("random", "interior")
 @dataclass
 class OpsConfig:
     """Defaults of the prompt pipeline (reference §5.2) and of the self-check in main()."""
-    connectivity: int = 4     # official: scipy.ndimage.label's default structure (4-connectivity)
-    ignore_index: int = 255   # official SEM_SEG_HEAD.IGNORE_VALUE
-    num_points: int = 5       # official SAM.NUM_POINTS
-    min_area: int = 5000      # official SAM.SIZE_THRESHOLD (kept when area > min_area)
-    mode: str = "random"      # official SAM.SELECTION_MODE
-    size: int = 256           # self-check map size (not official)
-    cuda: bool = False        # build the CUDA sources too (not official)
+    connectivity: int = field(default=4, metadata={  # official: scipy.ndimage.label's default (4-connectivity)
+        "help": "pixel connectivity of the components", "choices": (4, 8)})
+    ignore_index: int = field(default=255, metadata={"help": "label in no component"})  # official IGNORE_VALUE
+    num_points: int = field(default=5, metadata={"help": "point prompts per component"})  # official SAM.NUM_POINTS
+    min_area: int = field(default=5000, metadata={  # official SAM.SIZE_THRESHOLD (kept when area > min_area)
+        "help": "components with more pixels than this get points (the self-check uses min_area / 100)"})
+    mode: str = field(default="random", metadata={"help": "point selection", "choices": MODES})  # SAM.SELECTION_MODE
+    size: int = field(default=256, metadata={"help": "self-check map size (not official)"})
+    cuda: bool = field(default=False, metadata={"help": "build the CUDA sources too (not official)"})
 
     def __post_init__(self):
         if self.connectivity not in (4, 8):
@@ -312,7 +314,7 @@ def _prepare_points(components, comp_area, num_points, min_area, mode, generator
     if isinstance(generator, int):
         generator = torch.Generator().manual_seed(generator)
     components = components.to(torch.int32)
-    candidates = torch.nonzero(comp_area > min_area).flatten().to(components.device)  # Sec. 3.2: area > 5000
+    candidates = torch.nonzero(comp_area > min_area).flatten().to(components.device)  # Sec. 3.3: area > 5000
     rand_device = generator.device if generator is not None else "cpu"
     uniforms = torch.rand((candidates.numel(), num_points - (mode == "interior")), generator=generator,
                           dtype=torch.float64, device=rand_device).to(components.device)
@@ -413,7 +415,7 @@ def masks_to_semantic(class_logits, mask_logits, size, return_scores=False, impl
     if torch.is_grad_enabled() and (class_logits.requires_grad or mask_logits.requires_grad):
         raise RuntimeError("masks_to_semantic is inference-only (its kernels have no backward): call it under "
                            "torch.no_grad(), or use impl='ref' (masks_to_semantic_ref) for gradients")
-    prob = class_logits.float().softmax(-1)[..., :-1].contiguous()             # Sec. 3.4: drop no-object (B, Q, C)
+    prob = class_logits.float().softmax(-1)[..., :-1].contiguous()             # §3.4: drop no-object (B, Q, C)   
     return torch.ops.clouds.masks_to_semantic(prob, mask_logits.float().contiguous(), size[0], size[1], return_scores)
 
 
@@ -520,12 +522,15 @@ def ms_deform_attn_ref(value, shapes, locations, weights):
 
 def main(argv=None):
     """Build the extension and compare each op with its reference on a random map; returns {op: bool}."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in fields(OpsConfig):
-        if f.type == "bool" or f.type is bool:
-            parser.add_argument(f"--{f.name}", action="store_true")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(OpsConfig):  # help from the field metadata; bools as --flag/--no-flag, as in every script
+        extra = dict(f.metadata)
+        if isinstance(f.default, bool):
+            parser.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
+                                default=f.default, **extra)
         else:
-            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default, **extra)
     cfg = OpsConfig(**vars(parser.parse_args(argv)))
     load_extension(with_cuda=cfg.cuda or None)
     g = torch.Generator().manual_seed(0)

@@ -52,16 +52,18 @@ MUTATIONS = [
      (f"{WIRING}::test_pixel_normalization_is_clip_rgb", *CLOUDS_TESTS)),
     # ---- train.py: phase-B wiring (reference §4) ----
     ("teacher_fed_jittered_image", "train.py",  # §4.3: the teacher predicts on the clean flipped image
-     'images = pad_batch([s["image"] for s in samples], 0)', 'images = pad_batch([s["image_aug"] for s in samples], 0)',
+     'pad_batch([s["image"].to(device, non_blocking=True) for s in samples], 0)',
+     'pad_batch([s["image_aug"].to(device, non_blocking=True) for s in samples], 0)',
      (WIRING,)),
     ("sam_fed_jittered_image", "train.py",  # §4.3: SAM refines on the clean flipped image
-     'image = s["image"].permute(1, 2, 0).numpy()', 'image = s["image_aug"].permute(1, 2, 0).numpy()', (WIRING,)),
+     'image, label = image[:, :h, :w], label[:h, :w]', 'image, label = s["image_aug"].to(device), label[:h, :w]',
+     (WIRING,)),
     ("teacher_and_sam_fed_jittered_image", "data.py",  # §1.7: `image` stays un-jittered (teacher and SAM input)
      'return {**sample, "image": _to_chw(img), "image_aug": _to_chw(aug)',
      'return {**sample, "image": _to_chw(aug), "image_aug": _to_chw(aug)', (WIRING,)),
     ("student_fed_clean_image", "train.py",  # §4.3: the student sees image_aug for generated samples
-     'pad_batch([s["image_aug"] if s["generated"] else s["image"] for s in batch], 0)',
-     'pad_batch([s["image"] for s in batch], 0)', (WIRING,)),
+     '(s["image_aug"] if s["generated"] else s["image"]).to(device, non_blocking=True)',
+     's["image"].to(device, non_blocking=True)', (WIRING,)),
     ("ema_only_at_iteration_0", "train.py",  # §4.1: an EMA step every ITERATION_UPDATE iterations
      "        if joint:  # official: EMA step", "        if joint and it == 0:  # official: EMA step",
      (f"{WIRING}::test_saved_teacher_is_the_closed_form_ema_of_the_student",)),

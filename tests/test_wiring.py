@@ -112,6 +112,8 @@ class Spies:
         set_image = refine.ToyPointPredictor.set_image
 
         def set_image_spy(predictor, image):
+            if isinstance(image, torch.Tensor):  # the predictor contract takes (3, H, W) tensors or (H, W, 3) arrays
+                image = image.permute(1, 2, 0).cpu() if image.shape[0] == 3 else image.cpu()
             self.sam_images.append((len(self.batches) - 1, np.array(image, copy=True)))
             return set_image(predictor, image)
         mp.setattr(refine.ToyPointPredictor, "set_image", set_image_spy)

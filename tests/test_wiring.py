@@ -21,7 +21,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 import clouds
 import data
 import generate
-import refine
+import toysam
 import train
 
 TINY = ["--preset", "tiny", "--train-backbone", "--crop-size", "64", "--batch-size", "2", "--workers", "0",
@@ -108,12 +108,12 @@ class Spies:
             return forward(model, images, head=head)
         mp.setattr(clouds.CLOUDS, "forward", forward_spy)
 
-        set_image = refine.ToyPointPredictor.set_image
+        set_image = toysam.ToyPointPredictor.set_image
 
         def set_image_spy(predictor, image):
             self.sam_images.append((len(self.batches) - 1, np.array(image, copy=True)))
             return set_image(predictor, image)
-        mp.setattr(refine.ToyPointPredictor, "set_image", set_image_spy)
+        mp.setattr(toysam.ToyPointPredictor, "set_image", set_image_spy)
 
         clip = torch.nn.utils.clip_grad_norm_
 

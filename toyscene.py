@@ -84,7 +84,11 @@ class _Street:
             for zr in (zc - 0.75, zc + 0.75):
                 cv.ground(steel[0], -600, 600, zr - 0.05, zr + 0.05)
                 cv.ground(steel[1], edge[-1], edge[1], zr - 0.05, zr + 0.05)
-        # markings: road in Cityscapes / GTA / BDD / ACDC, their own ids in Mapillary and SYNTHIA
+
+    def markings(self):
+        """Lane lines, edge lines, the crosswalk and manholes: road in Cityscapes / GTA / BDD / ACDC, their own ids in
+        Mapillary and SYNTHIA."""
+        cv, rng, zn, edge, band = self.cv, self.rng, self.cv.z_near, self.edge, self.band
         paint = self.g(LANE, 0.03, 0.02)
         yellow = cv.seg(LANE, (215, 175, 45), fine=0.03) if self.two_way and rng.random() < 0.5 else paint
         for k in range(1, self.lanes):
@@ -122,7 +126,7 @@ class _Street:
     def blocks(self):
         """Roadside blocks (buildings, parks, walls and fences in front of yards), the skyline at the end of the
         street and the buildings across the cross street."""
-        cv, rng, c, pal, band, outer = self.cv, self.rng, self.c, self.pal, self.band, self.outer
+        rng, band = self.rng, self.band
         self.sun = rng.choice([-1, 1])
         for s in (-1, 1):
             z = rng.uniform(-6, 2)
@@ -134,33 +138,45 @@ class _Street:
                 z = band[1] if band and band[0] <= z < band[1] else z
                 if z1 - z0 < 1:
                     continue
-                if rng.random() < c.park:  # park: trees, a hedge or a fence, buildings far behind
-                    for tz in rng.uniform(z0, z1, rng.integers(1, 4)):
-                        if tz > self.z_vis:
-                            self.add(tz, _tree, cv, pal, rng, outer[s] + s * rng.uniform(1, 12), tz,
-                                     rng.uniform(1.0, 1.6))
-                    if rng.random() < 0.4:
-                        self.add(z1, cv.side, self.g(VEGETATION, 0.2, 0.15), outer[s] + s * 0.3, z0, z1, 0,
-                                 rng.uniform(0.8, 1.4))
-                    elif rng.random() < c.fence * 2:
-                        X = outer[s] + s * 0.2
-                        self.add(z1, cv.side, cv.seg(FENCE, _jit(pal[FENCE], rng), face=3, param=X), X, z0, z1, 0,
-                                 rng.uniform(1.0, 1.8))
-                    self.building(s, outer[s] + s * rng.uniform(18, 40), z0, z1, rng.uniform(6, 20), self.bcol() * 0.9,
-                                  cap=False)
-                    continue
-                yard = rng.random() < c.wall + c.fence
-                setback = rng.uniform(2, 6) if yard else 0.0 if rng.random() < 0.6 else rng.uniform(0.5, 3)
-                Xb, Xw = outer[s] + s * setback, outer[s] + s * 0.15
-                if setback and not yard:
-                    cv.ground(self.walk, outer[s], Xb, z0, z1)
-                elif yard and rng.random() < c.wall / (c.wall + c.fence):
-                    self.add(z1, cv.side, cv.seg(WALL, _jit(pal[WALL], rng, 15), fine=0.05, blotch=0.15), Xw, z0, z1,
-                             0, rng.uniform(1.0, 2.5))
-                elif yard:
-                    self.add(z1, cv.side, cv.seg(FENCE, _jit(pal[FENCE], rng), face=3, param=Xw), Xw, z0, z1, 0,
-                             rng.uniform(1.1, 2.0))
-                self.building(s, Xb, z0, z1, rng.integers(*c.storeys) * 3.2 + rng.uniform(0, 2.5), self.bcol())
+                if rng.random() < self.c.park:
+                    self.parkland(s, z0, z1)
+                else:
+                    self.frontage(s, z0, z1)
+        self.skyline()
+
+    def parkland(self, s, z0, z1):
+        """A park block: trees, a hedge or a fence, buildings far behind."""
+        cv, rng, c, pal, outer = self.cv, self.rng, self.c, self.pal, self.outer
+        for tz in rng.uniform(z0, z1, rng.integers(1, 4)):
+            if tz > self.z_vis:
+                self.add(tz, _tree, cv, pal, rng, outer[s] + s * rng.uniform(1, 12), tz, rng.uniform(1.0, 1.6))
+        if rng.random() < 0.4:
+            self.add(z1, cv.side, self.g(VEGETATION, 0.2, 0.15), outer[s] + s * 0.3, z0, z1, 0, rng.uniform(0.8, 1.4))
+        elif rng.random() < c.fence * 2:
+            X = outer[s] + s * 0.2
+            self.add(z1, cv.side, cv.seg(FENCE, _jit(pal[FENCE], rng), face=3, param=X), X, z0, z1, 0,
+                     rng.uniform(1.0, 1.8))
+        self.building(s, outer[s] + s * rng.uniform(18, 40), z0, z1, rng.uniform(6, 20), self.bcol() * 0.9, cap=False)
+
+    def frontage(self, s, z0, z1):
+        """A building block: the facade on the sidewalk or set back behind a paved strip, a wall or a fenced yard."""
+        cv, rng, c, pal, outer = self.cv, self.rng, self.c, self.pal, self.outer
+        yard = rng.random() < c.wall + c.fence
+        setback = rng.uniform(2, 6) if yard else 0.0 if rng.random() < 0.6 else rng.uniform(0.5, 3)
+        Xb, Xw = outer[s] + s * setback, outer[s] + s * 0.15
+        if setback and not yard:
+            cv.ground(self.walk, outer[s], Xb, z0, z1)
+        elif yard and rng.random() < c.wall / (c.wall + c.fence):
+            self.add(z1, cv.side, cv.seg(WALL, _jit(pal[WALL], rng, 15), fine=0.05, blotch=0.15), Xw, z0, z1,
+                     0, rng.uniform(1.0, 2.5))
+        elif yard:
+            self.add(z1, cv.side, cv.seg(FENCE, _jit(pal[FENCE], rng), face=3, param=Xw), Xw, z0, z1, 0,
+                     rng.uniform(1.1, 2.0))
+        self.building(s, Xb, z0, z1, rng.integers(*c.storeys) * 3.2 + rng.uniform(0, 2.5), self.bcol())
+
+    def skyline(self):
+        """Frontal facades (and a few trees) at the end of the street and across the cross street."""
+        cv, rng, c, pal, band, outer = self.cv, self.rng, self.c, self.pal, self.band, self.outer
         rows = [(self.z_end + 1.0, (-120, 120))]
         if band:
             rows += [(band[1] + 1.0, (outer[-1] - 150, outer[-1])), (band[1] + 1.0, (outer[1], outer[1] + 150))]
@@ -274,6 +290,7 @@ class _Street:
     def draw(self):
         cv, rng = self.cv, self.rng
         self.ground()
+        self.markings()
         self.blocks()
         self.furniture()
         self.traffic()

@@ -23,7 +23,7 @@ import os
 import re
 import sys
 import zlib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -309,12 +309,16 @@ def render(prompt: str, seed: int, size=(192, 192)) -> np.ndarray:
 
 @dataclass
 class BuildConfig:
-    """`python toycity.py` options."""
-    out: str = "datasets_toy"  # datasets root to write (gta5/, synthia/, cityscapes/, bdd10k/, mapillary_vistas/, acdc/)
-    seed: int = 0
-    num_images: int = None     # images per split; None = the defaults in SPLITS
-    workers: int = None        # processes; None = os.cpu_count()
-    progress: bool = True
+    """`python toycity.py` options; each field's `help` is its --flag's help text."""
+    out: str = field(default="datasets_toy", metadata={
+        "help": "datasets root to write (gta5/, synthia/, cityscapes/, bdd10k/, mapillary_vistas/, acdc/)"})
+    seed: int = field(default=0, metadata={
+        "help": "base seed; each image's seed derives from (seed, domain, split, index)"})
+    num_images: int = field(default=None, metadata={  # None = the defaults in SPLITS
+        "help": "images per split; None = the defaults (" + ", ".join(
+            f"{d} {'/'.join(str(n) for _, n in s)}" for d, s in SPLITS.items()) + ")"})
+    workers: int = field(default=None, metadata={"help": "processes; None = all CPUs"})  # None = os.cpu_count()
+    progress: bool = field(default=True, metadata={"help": "show a tqdm progress bar"})
 
 
 def _image_seed(seed, domain, split, index):
@@ -430,25 +434,25 @@ def build(out, seed: int = 0, num_images: int = None, workers: int = None, progr
     return counts
 
 
+def _parser() -> argparse.ArgumentParser:
+    """The CLI from BuildConfig's fields: --kebab-case flags, help from each field's metadata, bools as --x/--no-x."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(BuildConfig):
+        flag, help_text = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        else:
+            parser.add_argument(flag, type=f.type, default=f.default, help=help_text)
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    return parser
+
+
 def main(argv=None) -> dict:
     """`python toycity.py --out DIR`: write every domain; returns {domain: images}. Bad inputs: one message on stderr
     and exit code 2 (the traceback with --debug)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    helps = {"out": "datasets root to write (gta5/, synthia/, cityscapes/, bdd10k/, mapillary_vistas/, acdc/)",
-             "seed": "base seed; each image's seed derives from (seed, domain, split, index)",
-             "num_images": "images per split; None = the defaults (" + ", ".join(
-                 f"{d} {'/'.join(str(n) for _, n in s)}" for d, s in SPLITS.items()) + ")",
-             "workers": "processes; None = all CPUs", "progress": "turn the progress bar off (progress=%(default)s)"}
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(BuildConfig):
-        if f.type is bool or f.type == "bool":
-            parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
-                                help=helps[f.name])
-        else:
-            kind = {"seed": int, "num_images": int, "workers": int}.get(f.name, str)
-            parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, help=helps[f.name])
-    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    parser = _parser()
     try:
         args = vars(parser.parse_args(argv))
         del args["debug"]

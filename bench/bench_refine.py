@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import generate  # noqa: E402
 import refine  # noqa: E402
 import toycity  # noqa: E402
+import toysam  # noqa: E402
 
 
 class ExclusiveTimer:
@@ -74,7 +75,7 @@ def bench_generation(num_images: int, size: int) -> dict:
 
 def bench_refinement(num_images: int, size: int, factor: int, prompts: list) -> dict:
     timer = ExclusiveTimer()
-    predictor = refine.ToyPointPredictor()
+    predictor = toysam.ToyPointPredictor()
     predictor.set_image = timer.wrap("predictor", predictor.set_image)
     predictor.predict_points = timer.wrap("predictor", predictor.predict_points)
     real_ops = refine.ops

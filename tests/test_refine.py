@@ -10,6 +10,7 @@ import torch
 
 import ops
 import refine
+import toysam
 
 
 # ---- helpers ----
@@ -353,7 +354,7 @@ def test_toy_refinement_sharpens_a_weak_teacher():
     size = 192
     cfg = refine.RefineConfig(min_area=round(5000 * size * size / 768 ** 2))  # official 5000 px at 768^2 -> 312
     assert np.pi * 6 ** 2 < cfg.min_area  # blobs are below the threshold: no prompt of their own
-    predictor = refine.ToyPointPredictor()
+    predictor = toysam.ToyPointPredictor()
     cov_t, cov_r, all_t, all_r = (np.zeros((C, C + 1), np.int64) for _ in range(4))
     covered = []
     for seed, prompt in enumerate(TOY_PROMPTS):
@@ -392,7 +393,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert summary["refined"] == 2 and summary["skipped"] == 0 and summary["fallback"] == 0
     for stem, (image, teacher) in pairs.items():
         out = np.asarray(Image.open(tmp_path / "out" / f"{stem}.png"))
-        classes, masks = refine.refine_pseudo_label(image, teacher, refine.ToyPointPredictor(),
+        classes, masks = refine.refine_pseudo_label(image, teacher, toysam.ToyPointPredictor(),
                                                     refine.RefineConfig(min_area=100),
                                                     torch.Generator().manual_seed(7 ^ zlib.crc32(stem.encode())))
         assert out.dtype == np.uint8 and np.array_equal(out, refine.label_map(classes, masks).numpy())

@@ -22,7 +22,7 @@ import checkpoints
 import clouds
 import data
 import generate
-import refine
+import toysam
 import train
 
 TINY = ["--preset", "tiny", "--train-backbone", "--crop-size", "64", "--batch-size", "2", "--workers", "0",
@@ -109,14 +109,14 @@ class Spies:
             return forward(model, images, head=head)
         mp.setattr(clouds.CLOUDS, "forward", forward_spy)
 
-        set_image = refine.ToyPointPredictor.set_image
+        set_image = toysam.ToyPointPredictor.set_image
 
         def set_image_spy(predictor, image):
             if isinstance(image, torch.Tensor):  # the predictor contract takes (3, H, W) tensors or (H, W, 3) arrays
                 image = image.permute(1, 2, 0).cpu() if image.shape[0] == 3 else image.cpu()
             self.sam_images.append((len(self.batches) - 1, np.array(image, copy=True)))
             return set_image(predictor, image)
-        mp.setattr(refine.ToyPointPredictor, "set_image", set_image_spy)
+        mp.setattr(toysam.ToyPointPredictor, "set_image", set_image_spy)
 
         clip = torch.nn.utils.clip_grad_norm_
 

@@ -4,7 +4,8 @@ Implements the model box of the paper's Fig. 2 (CLOUDS, CVPR 2024, Sec. 3.1) as 
 a frozen open_clip ConvNeXt-L image encoder, an MSDeformAttn pixel decoder, a 9-layer masked-attention transformer
 decoder with a Linear(256, 20) class head, the Hungarian matcher + point-sampled set criterion, and semantic inference.
 Module names follow the official checkpoints, so `checkpoints.load_official` loads a released `model_final.pth`
-strictly (checkpoints.py: saving, loading, and the parameter-count CLI).
+strictly (checkpoints.py: saving, loading, and the parameter-count CLI). The matcher and criterion live in
+criterion.py (re-exported here: `clouds.targets_from_label`, `clouds.SetCriterion`, ...).
 
 Usage:
     model = build_model("convnext_large")            # or "rn50", "rn101", "tiny"; pretrained=None for random init
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ops
+from criterion import HungarianMatcher, SetCriterion, point_sample, targets_from_label  # noqa: F401
 
 # ---- config ----
 
@@ -519,168 +521,6 @@ class CLOUDSHead(nn.Module):
     def forward(self, features):
         mask_features, multi_scale = self.pixel_decoder(features)
         return self.predictor(multi_scale, mask_features)
-
-
-# ---- matcher and criterion ----
-
-
-def point_sample(x, coords):
-    """Bilinear samples of x (N, C, H, W) at coords (N, P, 2) xy in [0, 1] (align_corners=False, zeros outside)."""
-    return F.grid_sample(x, 2 * coords[:, :, None] - 1, align_corners=False).squeeze(3)  # (N, C, P)
-
-
-def _rand(shape, generator, device, dtype):
-    """Uniform [0, 1) draws, reproducible through a CPU or device `generator` (float32 draw, then cast)."""
-    gen_device = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=gen_device).to(device=device, dtype=dtype)
-
-
-def sample_uncertain_points(logits, num_points, oversample_ratio, importance_ratio, generator=None):
-    """Point coords (N, P, 2) for logits (N, 1, h, w): the int(importance_ratio*P) most uncertain (-|logit|) of
-    int(oversample_ratio*P) random candidates, plus P - that many uniform points (draw order: candidates, then rest)."""
-    N = logits.shape[0]
-    n_unc = int(importance_ratio * num_points)
-    cand = _rand((N, int(num_points * oversample_ratio), 2), generator, logits.device, logits.dtype)
-    uncertainty = -point_sample(logits, cand)[:, 0].abs()  # (N, n_cand)
-    idx = uncertainty.topk(n_unc, dim=1).indices  # (N, n_unc)
-    pts = torch.gather(cand, 1, idx[..., None].expand(-1, -1, 2))  # (N, n_unc, 2)
-    rest = _rand((N, num_points - n_unc, 2), generator, logits.device, logits.dtype)
-    return torch.cat([pts, rest], dim=1)  # (N, P, 2)
-
-
-def _sample_valid(valid, coords):
-    """Binary weights (N, P): 1 where the point falls inside `valid` (H, W) bool."""
-    v = point_sample(valid[None, None].to(coords), coords.reshape(1, -1, 2))  # (1, 1, N*P)
-    return (v.view(coords.shape[:2]) > 0.5).to(coords.dtype)
-
-
-def targets_from_label(label, num_classes=19, ignore_index=255):
-    """Semantic label map (H, W) int -> {"labels" int64 (K,), "masks" bool (K, H, W)}, one mask per present class.
-
-    Pixels labelled `ignore_index` are in no mask (negatives for every matched mask, as in the official code).
-    """
-    label = torch.as_tensor(label).long()
-    classes = label.unique()
-    classes = classes[classes != ignore_index]
-    if len(classes) and (classes.min() < 0 or classes.max() >= num_classes):
-        raise ValueError(f"label values must be in [0, {num_classes - 1}] or {ignore_index}, found {classes.tolist()}")
-    return {"labels": classes, "masks": label[None] == classes[:, None, None]}
-
-
-class HungarianMatcher:
-    """One-to-one query/target assignment per image (Sec. 3.1; Mask2Former matcher).
-
-    Cost = 2 * (-p(class)) + 5 * BCE + 5 * Dice, the mask terms on `num_points` uniform random points shared by all
-    masks of the image (one (1, P, 2) draw per image that has targets, in image order); solved with scipy's
-    linear_sum_assignment. Returns per image (query indices, target indices), int64. Points outside a target's
-    optional `valid` map are left out of the mask costs (our addition for refine's uncovered="ignore"; not official).
-    """
-
-    def __init__(self, cost_class=2.0, cost_mask=5.0, cost_dice=5.0, num_points=12544):
-        self.cost_class, self.cost_mask, self.cost_dice, self.num_points = cost_class, cost_mask, cost_dice, num_points
-
-    @torch.no_grad()
-    def __call__(self, outputs, targets, generator=None):
-        from scipy.optimize import linear_sum_assignment
-
-        indices = []
-        for b, t in enumerate(targets):
-            K = len(t["labels"])
-            if K == 0:
-                indices.append((torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)))
-                continue
-            dtype = torch.float64 if outputs["pred_masks"].dtype == torch.float64 else torch.float32  # no autocast
-            logits, pred = outputs["pred_logits"][b].to(dtype), outputs["pred_masks"][b].to(dtype)  # (Q,C+1),(Q,h,w)
-            Q = pred.shape[0]
-            cost_class = -logits.softmax(-1)[:, t["labels"]]  # (Q, K)
-            coords = _rand((1, self.num_points, 2), generator, pred.device, dtype)
-            tgt = point_sample(t["masks"][:, None].to(pred), coords.expand(K, -1, -1))[:, 0]  # (K, P)
-            x = point_sample(pred[:, None], coords.expand(Q, -1, -1))[:, 0]  # (Q, P)
-            w = _sample_valid(t["valid"], coords)[0] if "valid" in t else torch.ones_like(coords[0, :, 0])  # (P,)
-            tgt = tgt * w
-            pos = F.binary_cross_entropy_with_logits(x, torch.ones_like(x), reduction="none") * w  # (Q, P)
-            neg = F.binary_cross_entropy_with_logits(x, torch.zeros_like(x), reduction="none") * w
-            cost_mask = (pos @ tgt.t() + neg @ (w - tgt).t()) / w.sum().clamp(min=1)  # (Q, K)
-            p = x.sigmoid() * w
-            cost_dice = 1 - (2 * p @ tgt.t() + 1) / (p.sum(-1)[:, None] + tgt.sum(-1)[None, :] + 1)  # (Q, K)
-            C = self.cost_mask * cost_mask + self.cost_class * cost_class + self.cost_dice * cost_dice
-            q, k = linear_sum_assignment(C.cpu().numpy())
-            indices.append((torch.as_tensor(q, dtype=torch.long), torch.as_tensor(k, dtype=torch.long)))
-        return indices
-
-
-class SetCriterion(nn.Module):
-    """Mask2Former set loss (Sec. 3.1): CE over all queries (no-object weight 0.1) + point-sampled BCE and Dice on
-    matched pairs, normalized by the number of target masks, summed over the final and all auxiliary predictions.
-
-    Returns a dict of WEIGHTED terms (`loss_ce`, `loss_mask`, `loss_dice`, and `_{i}` suffixed aux terms); their sum
-    is the training loss. A target may carry `valid` (H, W) bool: mask points outside it are left out (our addition,
-    not official: without `valid` every pixel outside the target masks is a negative, ignore pixels included).
-    """
-
-    def __init__(self, num_classes, matcher, class_weight=2.0, mask_weight=5.0, dice_weight=5.0, eos_coef=0.1,
-                 num_points=12544, oversample_ratio=3.0, importance_sample_ratio=0.75, deep_supervision=True):
-        super().__init__()
-        self.num_classes, self.matcher = num_classes, matcher
-        self.weights = {"loss_ce": class_weight, "loss_mask": mask_weight, "loss_dice": dice_weight}
-        self.num_points, self.oversample_ratio, self.importance = num_points, oversample_ratio, importance_sample_ratio
-        self.deep_supervision = deep_supervision
-        empty_weight = torch.ones(num_classes + 1)
-        empty_weight[-1] = eos_coef
-        self.register_buffer("empty_weight", empty_weight)  # official key `criterion.empty_weight`
-
-    def loss_labels(self, outputs, targets, indices):
-        logits = outputs["pred_logits"]  # (B, Q, C+1)
-        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.long, device=logits.device)
-        for b, ((q, k), t) in enumerate(zip(indices, targets)):
-            target_classes[b, q.to(logits.device)] = t["labels"][k.to(t["labels"].device)].to(logits.device)
-        # weighted mean over all B*Q queries (unmatched -> no-object)
-        return F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight.to(logits.dtype))
-
-    def loss_masks(self, outputs, targets, indices, num_masks, generator=None):
-        pred = outputs["pred_masks"]  # (B, Q, h, w)
-        b_idx = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)]).to(pred.device)
-        q_idx = torch.cat([q for q, _ in indices]).to(pred.device)
-        src = pred[b_idx, q_idx][:, None]  # (N, 1, h, w)
-        if len(src) == 0:
-            zero = pred.sum() * 0.0
-            return zero, zero
-        with torch.no_grad():
-            coords = sample_uncertain_points(src, self.num_points, self.oversample_ratio, self.importance, generator)
-            labels, weights, start = [], [], 0
-            for (_, k), t in zip(indices, targets):
-                c = coords[start:start + len(k)]  # (n, P, 2)
-                start += len(k)
-                if len(k) == 0:
-                    continue
-                masks = t["masks"][k.to(t["masks"].device)].to(device=pred.device, dtype=pred.dtype)  # (n, H, W)
-                labels.append(point_sample(masks[:, None], c)[:, 0])  # (n, P) soft at boundaries
-                weights.append(_sample_valid(t["valid"], c) if "valid" in t else torch.ones_like(labels[-1]))
-            labels, weights = torch.cat(labels), torch.cat(weights)  # (N, P)
-        x = point_sample(src, coords)[:, 0]  # (N, P)
-        bce = F.binary_cross_entropy_with_logits(x, labels, reduction="none")
-        loss_mask = ((bce * weights).sum(1) / weights.sum(1).clamp(min=1)).sum() / num_masks
-        p, t = x.sigmoid() * weights, labels * weights
-        loss_dice = (1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)).sum() / num_masks
-        return loss_mask, loss_dice
-
-    def forward(self, outputs, targets, generator=None):
-        # num_masks: total target masks, averaged over ranks, clamped >= 1
-        num_masks = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=outputs["pred_logits"].device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(num_masks)
-            num_masks = num_masks / torch.distributed.get_world_size()
-        num_masks = num_masks.clamp(min=1).item()
-        preds = [("", outputs)]
-        if self.deep_supervision:
-            preds += [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
-        losses = {}
-        for suffix, out in preds:
-            indices = self.matcher(out, targets, generator)
-            loss_mask, loss_dice = self.loss_masks(out, targets, indices, num_masks, generator)
-            terms = {"loss_ce": self.loss_labels(out, targets, indices), "loss_mask": loss_mask, "loss_dice": loss_dice}
-            losses.update({name + suffix: self.weights[name] * v for name, v in terms.items()})
-        return losses
 
 
 # ---- inference ----

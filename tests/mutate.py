@@ -34,18 +34,18 @@ DDP = f"{WIRING}::test_ddp_first_step_gradients_match_single_process"
 
 # (name, file, old, new, test files or node ids)
 MUTATIONS = [
-    # ---- clouds.py: the model (caught by the golden outputs) ----
+    # ---- clouds.py and criterion.py: the model and its losses (caught by the golden outputs) ----
     ("masked_attention_inverted", "clouds.py",  # Mask2Former: a query attends where its mask is >= 0.5
      "m = (m.sigmoid().flatten(2) < 0.5).detach()", "m = (m.sigmoid().flatten(2) > 0.5).detach()", CLOUDS_TESTS),
     ("msdeform_normalizer_hw", "clouds.py",  # offsets are in pixels, normalized by (w, h) of each level
      "normalizer = torch.tensor([[w, h] for h, w in shapes]", "normalizer = torch.tensor([[h, w] for h, w in shapes]",
      CLOUDS_TESTS),
-    ("matcher_class_mask_weights_swapped", "clouds.py",  # official cost_class 2, cost_mask 5
+    ("matcher_class_mask_weights_swapped", "criterion.py",  # official cost_class 2, cost_mask 5
      "C = self.cost_mask * cost_mask + self.cost_class * cost_class",
      "C = self.cost_class * cost_mask + self.cost_mask * cost_class", CLOUDS_TESTS),
-    ("no_object_weight_1", "clouds.py",  # official NO_OBJECT_WEIGHT 0.1
+    ("no_object_weight_1", "criterion.py",  # official NO_OBJECT_WEIGHT 0.1
      "empty_weight[-1] = eos_coef", "empty_weight[-1] = 1.0", CLOUDS_TESTS),
-    ("dice_numerator_smoothing_dropped", "clouds.py",  # Mask2Former dice: (2 p.t + 1) / (p + t + 1)
+    ("dice_numerator_smoothing_dropped", "criterion.py",  # Mask2Former dice: (2 p.t + 1) / (p + t + 1)
      "loss_dice = (1 - (2 * (p * t).sum(1) + 1) /", "loss_dice = (1 - (2 * (p * t).sum(1)) /", CLOUDS_TESTS),
     ("pixel_mean_bgr", "clouds.py",  # official MODEL.PIXEL_MEAN is the CLIP mean in RGB order
      "PIXEL_MEAN = (122.7709383, 116.7460125, 104.09373615)", "PIXEL_MEAN = (104.09373615, 116.7460125, 122.7709383)",
@@ -195,7 +195,7 @@ def main(argv=None) -> list:
     entries = select(MUTATIONS, args.only, args.keyword)
     if args.list:
         for e in entries:
-            print(f"{e[0]:<36} {e[1]:<9} {applicable(e) or 'ok':<10} tests: {', '.join(e[4])}")
+            print(f"{e[0]:<36} {e[1]:<12} {applicable(e) or 'ok':<10} tests: {', '.join(e[4])}")
         return [{"name": e[0], "file": e[1], "status": applicable(e) or "ok"} for e in entries]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -16,6 +16,7 @@ import torch
 
 import checkpoints
 import clouds
+import criterion as criterion_module  # `criterion` names the stored points below
 import ops
 
 GOLDEN = Path(__file__).resolve().parent / "data/official_head_tiny.pt"  # copy of /work/shared/golden/
@@ -140,10 +141,11 @@ def ours(G, model):
 def stored_points(G, monkeypatch):
     """Make our matcher and criterion use the official points (README "Simplest way to reproduce the losses").
 
-    The matcher draws its (1, P, 2) points through `clouds._rand` (one call per image with targets); the criterion gets
-    its (N, P, 2) points from `clouds.sample_uncertain_points`. Both are replaced by iterators over the stored points
-    in the order the official criterion used them ([final, aux 0, aux 1, aux 2], image by image); each call checks
-    the shape it asked for. The importance sampling itself is pinned by `test_points_follow_official_rng_protocol`.
+    The matcher draws its (1, P, 2) points through `criterion._rand` (one call per image with targets); the criterion
+    gets its (N, P, 2) points from `criterion.sample_uncertain_points`. Both are replaced by iterators over the stored
+    points in the order the official criterion used them ([final, aux 0, aux 1, aux 2], image by image); each call
+    checks the shape it asked for. The importance sampling itself is pinned by
+    `test_points_follow_official_rng_protocol`.
     Yields `all_used(criterion_too=True)`: asserts that every stored matcher (and criterion) point set was used.
     """
     matcher = iter([p for pred in G["points"]["matcher"] for p in pred])  # (P, 2) per prediction and image
@@ -159,8 +161,8 @@ def stored_points(G, monkeypatch):
         assert p.shape == (logits.shape[0], num_points, 2), f"criterion asked for {logits.shape[0]} x {num_points}"
         return p.to(logits)
 
-    monkeypatch.setattr(clouds, "_rand", fake_rand)
-    monkeypatch.setattr(clouds, "sample_uncertain_points", fake_sample)
+    monkeypatch.setattr(criterion_module, "_rand", fake_rand)
+    monkeypatch.setattr(criterion_module, "sample_uncertain_points", fake_sample)
 
     def all_used(criterion_too=True):
         assert next(matcher, None) is None, "stored matcher points left unused"
@@ -290,7 +292,7 @@ def test_points_follow_official_rng_protocol(G, model, monkeypatch):
     """With torch.manual_seed(1234) and no generator, our criterion draws the official points bit for bit: matcher
     (1, P, 2) per image, then the (N, 3P, 2) candidates, the 0.75 P most uncertain kept in topk order, (N, P/4, 2)."""
     drawn, kept = [], []
-    rand, sample = clouds._rand, clouds.sample_uncertain_points
+    rand, sample = criterion_module._rand, criterion_module.sample_uncertain_points
 
     def spy_rand(shape, generator, device, dtype):
         drawn.append(rand(shape, generator, device, dtype))
@@ -300,8 +302,8 @@ def test_points_follow_official_rng_protocol(G, model, monkeypatch):
         kept.append(sample(*args, **kwargs))
         return kept[-1]
 
-    monkeypatch.setattr(clouds, "_rand", spy_rand)
-    monkeypatch.setattr(clouds, "sample_uncertain_points", spy_sample)
+    monkeypatch.setattr(criterion_module, "_rand", spy_rand)
+    monkeypatch.setattr(criterion_module, "sample_uncertain_points", spy_sample)
     with torch.random.fork_rng():
         torch.manual_seed(G["config"]["seed_loss_rng"])
         losses = model.criterion(golden_outputs(G), G["targets"])

@@ -16,6 +16,7 @@ from torch import nn
 
 import checkpoints
 import clouds
+import criterion
 import generate
 import train
 
@@ -180,7 +181,7 @@ def _ddp_worker(rank, world, port, argv, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    clouds._rand = _fixed_rand
+    criterion._rand = _fixed_rand
     train.run_phase = _save_head_after(train.run_phase, os.path.join(out, f"head_rank{rank}.pt"))
     train.main(argv)
 
@@ -200,7 +201,7 @@ def test_ddp_two_ranks_match_single_process(run_all, toy_root, gen_dir, tmp_path
     extra = ["--weights", weights, "--iters-joint", "2", "--no-plots"]
     mp.spawn(_ddp_worker, nprocs=2, join=True,
              args=(2, _free_port(), joint_args(toy_root, gen_dir, tmp_path / "ddp", *extra), str(tmp_path)))
-    monkeypatch.setattr(clouds, "_rand", _fixed_rand)
+    monkeypatch.setattr(criterion, "_rand", _fixed_rand)
     monkeypatch.setattr(train, "run_phase", _save_head_after(train.run_phase, tmp_path / "head_single.pt"))
     train.main(joint_args(toy_root, gen_dir, tmp_path / "single", *extra))
 

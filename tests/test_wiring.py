@@ -20,6 +20,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 import checkpoints
 import clouds
+import criterion
 import data
 import generate
 import toysam
@@ -341,7 +342,7 @@ def _ddp_worker(rank, world, port, argv, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    clouds._rand = _fixed_rand
+    criterion._rand = _fixed_rand
     clouds.SetCriterion.forward = _one_mask_per_image(clouds.SetCriterion.forward)
     torch.nn.utils.clip_grad_norm_ = _save_first_grads(torch.nn.utils.clip_grad_norm_,
                                                        os.path.join(out, f"grads_rank{rank}.pt"))
@@ -358,7 +359,7 @@ def test_ddp_first_step_gradients_match_single_process(inputs, tmp_path, monkeyp
     toy_root, gen, weights = inputs
     argv = lambda out: joint_argv(toy_root, gen, weights, out, "--iters-joint", "1", "--p-gen", "0.5")
     mp.spawn(_ddp_worker, nprocs=2, join=True, args=(2, _free_port(), argv(tmp_path / "ddp"), str(tmp_path)))
-    monkeypatch.setattr(clouds, "_rand", _fixed_rand)
+    monkeypatch.setattr(criterion, "_rand", _fixed_rand)
     monkeypatch.setattr(clouds.SetCriterion, "forward", _one_mask_per_image(clouds.SetCriterion.forward))
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
                         _save_first_grads(torch.nn.utils.clip_grad_norm_, str(tmp_path / "grads_single.pt")))

@@ -1,5 +1,6 @@
 """The design card's import graph: a user can copy one file with at most ops.py beside it (ToyCity, the offline world:
-toycity.py with toyparts.py, toyscene.py and toypaint.py beside it)."""
+toycity.py with toyparts.py, toyscene.py and toypaint.py beside it; the model: clouds.py with ops.py and
+criterion.py)."""
 import ast
 from pathlib import Path
 

@@ -4,6 +4,7 @@ itself (Sec. 3.3 of the paper) is in train.py, which imports this file; this fil
 
 Usage: not a script; `import runs` (train.py does). A running phase's state is train.RunState (duck-typed here).
 """
+import argparse
 import json
 import math
 import os
@@ -13,7 +14,8 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+import typing
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -24,7 +26,6 @@ import torch.distributed as dist
 import clouds
 import data
 import evaluate
-import refine
 
 # ---- errors: what main prints, and its exit code ----
 
@@ -47,6 +48,43 @@ class TrainError(RuntimeError):
 
 class Interrupted(Exception):
     """Ctrl-C / SIGTERM: last.pt was saved (or kept); main prints the message and exits 130."""
+
+
+def first_line(err) -> str:
+    return str(err).split("\n")[0]
+
+
+# ---- command line: argparse generated from a config dataclass ----
+
+
+def dataclass_parser(cls, description: str, choices: dict, explicit_only: bool = False) -> argparse.ArgumentParser:
+    """--field-name VALUE per field of the dataclass `cls`, help from the field's metadata["help"], default shown;
+    --flag/--no-flag for booleans (BooleanOptionalAction), nargs="*" for tuples, `choices[name]` where given.
+    explicit_only: every default is SUPPRESS, so parsing returns only the flags given on the command line."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        tp, flag, help_ = hints[f.name], "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
+        default = argparse.SUPPRESS if explicit_only else f.default
+        valid = list(choices[f.name]) if f.name in choices else None
+        if typing.get_origin(tp) is typing.Union:  # Optional[X] -> X
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
+        elif typing.get_origin(tp) is tuple:
+            parser.add_argument(flag, nargs="*", type=typing.get_args(tp)[0], default=default, help=help_,
+                                choices=valid)
+        else:
+            parser.add_argument(flag, type=tp, default=default, help=help_, choices=valid)
+    return parser
+
+
+def as_flag(name, value) -> str:
+    """The command-line spelling of a field value: --train-backbone, --no-plots, --eval-sets a b, --lr 0.0005."""
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} " + (" ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value))
 
 
 # ---- distributed ----
@@ -77,196 +115,6 @@ def setup_distributed(device_name: str) -> Env:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         started = True
     return Env(rank, world, device, started)
-
-
-# ---- preflight: everything a run needs, checked before any model is built ----
-
-RUN_FILES = ("config.json", "last.pt", "metrics.jsonl")
-# Fields that change the optimization: --resume refuses a change of any of them without --allow-config-change. Paths
-# are not compared (a moved dataset is the same data; its size is); nor is the number of ranks (StreamSampler).
-OPTIM_FIELDS = ("source", "phase", "preset", "train_backbone", "backbone_bf16", "classifier",
-                "iters_warmup", "iters_joint", "lr", "schedule", "poly_power", "batch_size", "weight_decay",
-                "weight_decay_norm", "weight_decay_embed", "backbone_multiplier", "clip_grad", "crop_size",
-                "scale_min", "scale_max", "target_factor", "source_factor", "p_gen", "n_source", "n_generated",
-                "ema_alpha", "ema_every", "sam", "sam_min_area", "sam_num_points", "sam_mode", "sam_uncovered",
-                "seed")
-
-
-def phase_dirs(cfg) -> dict:
-    out = Path(cfg.out)
-    return {"warmup": out / "warmup", "joint": out / "joint"} if cfg.phase == "all" else {cfg.phase: out}
-
-
-def first_line(err) -> str:
-    return str(err).split("\n")[0]
-
-
-def _dataset_problem(name, root, split, what, fix) -> tuple:
-    """(problem message or None, number of files)."""
-    try:
-        return None, len(data.list_files(name, root, split))
-    except (FileNotFoundError, ValueError) as e:
-        return f"{what}: {e}\n{fix}", 0
-
-
-def clip_problems(cfg) -> list:
-    """The CLIP weights build_model will read: --clip-weights FILE, or the preset's open_clip tag in the Hugging Face
-    cache (checked offline with huggingface_hub.try_to_load_from_cache; nothing is downloaded)."""
-    if cfg.clip_weights:
-        if Path(cfg.clip_weights).is_file():
-            return []
-        return [f"--clip-weights {cfg.clip_weights} does not exist: pass the open_clip weights file "
-                f"(open_clip_pytorch_model.bin), or drop --clip-weights to use the Hugging Face cache"]
-    mc = clouds.ModelConfig(**clouds.PRESETS[cfg.preset])
-    if mc.pretrained is None:  # random init (tiny): nothing to load; warned about in run_warnings
-        return []
-    import open_clip
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    hub = (open_clip.get_pretrained_cfg(mc.clip_model, mc.pretrained) or {}).get("hf_hub", "")
-    repo, filename = os.path.split(hub)  # open_clip: "org/repo/" = the default file names
-    names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-    if repo and any(isinstance(try_to_load_from_cache(repo, f), str) for f in names):
-        return []
-    file = names[-1]
-    return [f"CLIP weights of --preset {cfg.preset} (open_clip {mc.clip_model}, pretrained {mc.pretrained!r}) are not "
-            f"in the Hugging Face cache {constants.HF_HUB_CACHE}: on a machine with internet run\n"
-            f"  hf download {repo} {file}\n(set HF_HOME to share the cache), or pass --clip-weights /path/{file}"]
-
-
-def run_warnings(cfg) -> list:
-    mc = clouds.ModelConfig(**clouds.PRESETS[cfg.preset])
-    if mc.pretrained is None and not cfg.clip_weights and not cfg.train_backbone:
-        return [f"warning: --preset {cfg.preset} has a RANDOM-INIT CLIP backbone and it stays frozen "
-                f"(--no-train-backbone): the head trains on random features (lr {cfg.lr}). Pass --train-backbone, "
-                f"or --recipe toy for the ToyCity settings."]
-    return []
-
-
-def read_trainer(path) -> dict:
-    """The trainer state of a last.pt (phase, iteration, ...); an unreadable file raises TrainError naming it."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        trainer = ckpt["trainer"]
-        return {"phase": trainer["phase"], "iteration": int(trainer["iteration"])}
-    except Exception as e:  # torch.load of a cut-off file: RuntimeError, EOFError, UnpicklingError, KeyError ...
-        raise TrainError(f"checkpoint {path} is unreadable ({type(e).__name__}: {first_line(e)}); it was probably "
-                         f"cut off by a crash or a full disk. Delete or move it and rerun with --resume (the phase "
-                         f"restarts from iteration 0), or start over with --overwrite") from e
-
-
-def config_changes(old: dict, new: dict) -> dict:
-    """{field: (old, new)} for the OPTIM_FIELDS that differ between the saved config.json and this run."""
-    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731 (JSON has lists)
-    return {k: (old[k], norm(new[k])) for k in OPTIM_FIELDS if k in old and k in new and old[k] != norm(new[k])}
-
-
-def preflight(cfg, env, split: Optional[str], p_gen_of) -> dict:
-    """Check everything the run needs before any model is built: the source and its converted labels, every
-    evaluation set, the generated folder, the CLIP weights, the SAM package and checkpoint, --weights, the state of
-    --out. Raises Problems listing EVERY problem, each with the flag or command that fixes it. `split` is the source's
-    training split (train.SOURCES), `p_gen_of(n_source, n_generated)` the share of generated samples (§1.6). Returns
-    what it learned: {"n_source", "n_generated", "p_gen", "config" (the record for config.json), "changes", "resume",
-    "warnings"}."""
-    problems, n_source, n_gen, p_gen = input_problems(cfg, split, p_gen_of)
-    if cfg.batch_size % env.world:
-        problems.append(f"--batch-size {cfg.batch_size} (total) must be divisible by the {env.world} ranks")
-    record = {**asdict(cfg), "p_gen": p_gen, "n_source": n_source, "n_generated": n_gen, "world_size": env.world}
-    changes, resume, old = out_problems(cfg, record, problems)
-    if problems:
-        raise Problems(problems)
-    record["history"] = old.get("history", []) if cfg.resume else []
-    return {"n_source": n_source, "n_generated": n_gen, "p_gen": p_gen, "config": record, "changes": changes,
-            "resume": resume, "warnings": run_warnings(cfg)}
-
-
-def input_problems(cfg, split, p_gen_of) -> tuple:
-    """The preflight's input checks -> (problems, n_source, n_generated, p_gen): the datasets, the generated images,
-    SAM, CLIP, --weights, --phase joint's starting weights and --tensorboard."""
-    phases = ("warmup", "joint") if cfg.phase == "all" else (cfg.phase,)
-    problems, root = [], cfg.data_root
-    p, n_source = _dataset_problem(cfg.source, root, split, f"source dataset {cfg.source} (--source)",
-                                   f"fix: put it under --data-root (now {root}) in the layout above, or pass "
-                                   f"--data-root DIR")
-    problems += [p] if p else []
-    for name in cfg.eval_sets if cfg.eval_every else ():
-        others = [n for n in cfg.eval_sets if n != name]
-        drop = f"--eval-sets {' '.join(others)}" if others else "--eval-every 0"
-        p, _ = _dataset_problem(name, root, None, f"evaluation set {name} (--eval-sets)",
-                                f"fix: add it under --data-root, or drop it: {drop} (or --eval-every 0 for no "
-                                f"evaluation)")
-        problems += [p] if p else []
-    n_gen, p_gen, joint = 0, 0.0, "joint" in phases and cfg.p_gen != 0
-    if joint and not cfg.synthetic:
-        problems.append("joint training needs the generated images: pass --synthetic DIR (make them with "
-                        "`python generate.py --out DIR`), or --p-gen 0 to train on the source alone, or "
-                        "--phase warmup")
-    elif joint:
-        p, n_gen = _dataset_problem("generated", cfg.synthetic, None, "generated images (--synthetic)",
-                                    f"fix: `python generate.py --out {cfg.synthetic}` (or --backend toy for ToyCity), "
-                                    f"or pass --synthetic DIR, or --p-gen 0")
-        problems += [p] if p else []
-        if not p:
-            p_gen = p_gen_of(n_source, n_gen)
-    if joint and cfg.sam not in ("toy", "none"):
-        problems += [m + " (or --sam none: unrefined teacher labels)" for m in
-                     refine.predictor_problems(cfg.sam, sam_checkpoint(cfg), flag="--sam-checkpoint")]
-    problems += clip_problems(cfg)
-    if cfg.weights and not Path(cfg.weights).is_file():
-        problems.append(f"--weights {cfg.weights} does not exist: pass the warmup model_final.pt (ours) or an "
-                        f"official model_final.pth, or use --phase all to run the warmup first")
-    lasts = [d / "last.pt" for d in phase_dirs(cfg).values() if (d / "last.pt").is_file()]
-    if cfg.phase == "joint" and not cfg.weights and not (cfg.resume and lasts):
-        problems.append("--phase joint starts from the warmup weights: pass --weights WARMUP_OUT/model_final.pt, "
-                        "or use --phase all to run the warmup first")
-    if cfg.tensorboard:
-        try:
-            summary_writer_cls()
-        except ImportError as e:
-            problems.append(str(e))
-    return problems, n_source, n_gen, p_gen
-
-
-def out_problems(cfg, record: dict, problems: list) -> tuple:
-    """The preflight's checks of --out (a run there is never replaced without --resume or --overwrite) and, with
-    --resume, of its last.pt files and config.json. Appends to `problems`; returns (changes, resume, old config)."""
-    out, dirs = Path(cfg.out), phase_dirs(cfg)
-    lasts = {ph: d / "last.pt" for ph, d in dirs.items() if (d / "last.pt").is_file()}
-    found = sorted(str(f) for d in {out, *dirs.values()} for f in (d / n for n in RUN_FILES) if f.is_file())
-    changes, resume, old = {}, {}, {}
-    if found and not (cfg.resume or cfg.overwrite):
-        problems.append(f"--out {out} already holds a run ({', '.join(found)}): pass --resume to continue it, "
-                        f"--overwrite to start over (its files are replaced), or choose another --out")
-    if not cfg.resume:
-        return changes, resume, old
-    for ph, path in lasts.items():
-        try:
-            resume[ph] = read_trainer(path)
-        except TrainError as e:
-            problems.append(str(e))
-    for ph, r in resume.items():
-        if r["phase"] != ph:
-            problems.append(f"{lasts[ph]} holds {r['phase']} state, not {ph}: resume from the matching --out "
-                            f"(and --phase), or start over with --overwrite")
-    if (out / "config.json").is_file():
-        try:
-            old = json.loads((out / "config.json").read_text())
-        except json.JSONDecodeError as e:
-            problems.append(f"{out / 'config.json'} is not valid JSON ({e}); fix or delete it, or start over "
-                            f"with --overwrite")
-    if not any(p.startswith("source dataset") or p.startswith("generated images") for p in problems):
-        changes = config_changes(old, record)
-    if changes and not cfg.allow_config_change:
-        problems.append(f"--resume with settings that change the optimization ({out / 'config.json'} -> this "
-                        f"command): " + ", ".join(f"{k} {o!r} -> {n!r}" for k, (o, n) in changes.items())
-                        + ". Pass --allow-config-change to apply them from the resumed iteration (logged in "
-                          "log.txt and config.json), or rerun with the old values")
-    return changes, resume, old
-
-
-def sam_checkpoint(cfg) -> Optional[str]:
-    """--sam-checkpoint, or the official path of --sam (refine.DEFAULT_CHECKPOINTS, reference §5.1: ./weights/)."""
-    return cfg.sam_checkpoint or refine.DEFAULT_CHECKPOINTS.get(cfg.sam)
 
 
 # ---- checkpoints of the trainer state (last.pt) ----
@@ -496,15 +344,6 @@ def should_stop(stop, env) -> bool:
     return flag
 
 
-def write_plots(cfg, state, paths):
-    if not cfg.plots:
-        return
-    if paths["metrics"].is_file():
-        plot_curves(paths["metrics"], paths["curves"])
-    if state.records:
-        plot_pseudo_labels(state.records, paths["pseudo_labels"])
-
-
 # ---- plots ----
 
 
@@ -554,6 +393,15 @@ def plot_pseudo_labels(records, png_path):
     atomic(png_path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
 
 
+def write_plots(cfg, state, paths):
+    if not cfg.plots:
+        return
+    if paths["metrics"].is_file():
+        plot_curves(paths["metrics"], paths["curves"])
+    if state.records:
+        plot_pseudo_labels(state.records, paths["pseudo_labels"])
+
+
 # ---- evaluation during training ----
 
 
@@ -581,7 +429,7 @@ def evaluate_sets(model, sets, device, progress, workers=0) -> dict:
 
 
 
-# ---- the start of a run ----
+# ---- the start of a run, the end of an iteration ----
 
 
 def log_start(say, cfg, info: dict, notes=()):
@@ -600,3 +448,31 @@ def log_start(say, cfg, info: dict, notes=()):
                                           "changed": changed})
         say("[train] --allow-config-change: from the resumed iteration "
             + ", ".join(f"{k} {o!r} -> {n!r}" for k, (o, n) in changed.items()), err=True)
+
+
+def after_iteration(state, env, inputs, log, say, stop, done, max_iter, paths) -> Optional[dict]:
+    """After `done` iterations: evaluate (every --eval-every and at the end), save last.pt (every --save-every, at each
+    snapshot, at the end and on a stop signal) plus a model_NNNNNNN.pt snapshot every --ckpt-every, and raise
+    Interrupted once last.pt is saved after a signal. Returns the evaluation's results, None when there was none."""
+    cfg, phase, main_rank, results = state.cfg, state.phase, env.rank == 0, None
+    if cfg.eval_every and (done % cfg.eval_every == 0 or done == max_iter):
+        results = evaluate_sets(state.model, inputs["eval_sets"], env.device, cfg.progress and main_rank,
+                                     cfg.workers)
+        log.write({"phase": phase, "iter": done, "eval": results})
+        if main_rank:
+            say(f"[{phase} {done}] " + ", ".join(f"{n} {100 * m['mIoU']:.2f}" for n, m in results.items()))
+    stopping = should_stop(stop, env)
+    if done % cfg.save_every == 0 or done % cfg.ckpt_every == 0 or done == max_iter or stopping:
+        if main_rank:
+            save_state(paths["last"], state, done)
+            if done % cfg.ckpt_every == 0:  # official PeriodicCheckpointer snapshot (weights only)
+                clouds.save_checkpoint(paths["last"].parent / f"model_{done:07d}.pt", state.model)
+            write_plots(cfg, state, paths)
+        state.saved = done
+    if stopping:
+        name = signal.Signals(stop.signum).name if stop.signum else "a stop signal"
+        msg = f"{name}: saved {paths['last']} at iteration {done}; resume with --resume"
+        if main_rank:
+            say(f"[train] {msg}", echo=False)  # main prints it
+        raise Interrupted(msg)
+    return results

@@ -15,11 +15,9 @@ Usage:
 """
 import argparse
 import copy
-import signal
 import sys
 import time
-import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -32,6 +30,7 @@ from tqdm import tqdm
 import clouds
 import data
 import evaluate
+import preflight
 import refine
 import runs
 
@@ -198,25 +197,10 @@ CHOICES = {"source": SOURCES, "phase": PHASES, "preset": clouds.PRESETS, "sam": 
 
 
 def build_parser(explicit_only: bool = False) -> argparse.ArgumentParser:
-    """argparse generated from TrainConfig: --field-name VALUE, --flag/--no-flag for booleans, nargs for tuples,
-    choices for the registries. explicit_only: every default is SUPPRESS, so parsing returns the flags given."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    hints = typing.get_type_hints(TrainConfig)
-    for f in fields(TrainConfig):
-        tp, flag, help_ = hints[f.name], "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
-        default = argparse.SUPPRESS if explicit_only else f.default
-        choices = list(CHOICES[f.name]) if f.name in CHOICES else None
-        if typing.get_origin(tp) is typing.Union:  # Optional[X] -> X
-            tp = next(a for a in typing.get_args(tp) if a is not type(None))
-        if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
-        elif typing.get_origin(tp) is tuple:
-            parser.add_argument(flag, nargs="*", type=typing.get_args(tp)[0], default=default, help=help_,
-                                choices=choices)
-        else:
-            parser.add_argument(flag, type=tp, default=default, help=help_, choices=choices)
-    return parser
+    """argparse generated from TrainConfig (runs.dataclass_parser): --field-name VALUE, --flag/--no-flag for booleans,
+    nargs for tuples, CHOICES for the registries. explicit_only: every default is SUPPRESS, so parsing returns the
+    flags given."""
+    return runs.dataclass_parser(TrainConfig, __doc__.split("\n\n")[0], CHOICES, explicit_only)
 
 
 def parse_args(argv=None):
@@ -232,21 +216,13 @@ def parse_args(argv=None):
         parser.error(str(e))
     notes = []
     if recipe:
-        notes.append(f"--recipe {cfg.recipe} set " + ", ".join(_as_flag(k, v) for k, v in recipe.items())
+        notes.append(f"--recipe {cfg.recipe} set " + ", ".join(runs.as_flag(k, v) for k, v in recipe.items())
                      + " (flags given on the command line win)")
     return cfg, notes
 
 
 def parse_config(argv=None) -> TrainConfig:
     return parse_args(argv)[0]
-
-
-def _as_flag(name, value) -> str:
-    """The command-line spelling of a field value: --train-backbone, --no-plots, --eval-sets a b, --lr 0.0005."""
-    flag = name.replace("_", "-")
-    if isinstance(value, bool):
-        return f"--{flag}" if value else f"--no-{flag}"
-    return f"--{flag} " + (" ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value))
 
 
 # ---- data: a stream of mixed samples, a pure function of (seed, k) ----
@@ -561,7 +537,7 @@ def prepare_inputs(cfg, env, p_gen: float = None) -> dict:
         inputs["generated"] = data.build_dataset("generated", cfg.synthetic, transform=data.GeneratedTransform())
         inputs["p_gen"] = resolved_p_gen(cfg, len(inputs["source"]), len(inputs["generated"]))
         if cfg.sam != "none":
-            inputs["predictor"] = refine.build_predictor(cfg.sam, runs.sam_checkpoint(cfg), str(env.device))
+            inputs["predictor"] = refine.build_predictor(cfg.sam, preflight.sam_checkpoint(cfg), str(env.device))
     return inputs
 
 
@@ -638,7 +614,7 @@ def run_phase(cfg, phase, model, env, inputs, out_dir) -> dict:
 
 def phase_loop(state, loader, env, inputs, log, say, start, max_iter, paths) -> dict:
     """Iterations start .. max_iter - 1: EMA teacher step, train_step, then the periodic log, evaluation and
-    checkpoints (after_iteration). Returns the last evaluation's results ({} without one)."""
+    checkpoints (runs.after_iteration). Returns the last evaluation's results ({} without one)."""
     cfg, phase, joint, main_rank = state.cfg, state.phase, state.phase == "joint", env.rank == 0
     stop = inputs.get("stop") or runs.StopFlag()
     batches = iter(loader)
@@ -661,7 +637,7 @@ def phase_loop(state, loader, env, inputs, log, say, start, max_iter, paths) -> 
                 mean = {k: sum(s[k] for s in window) / len(window) for k in window[0]}
                 log.write({"phase": phase, "iter": done, "lr": lr, **mean})
                 window = []
-            results = after_iteration(state, env, inputs, log, say, stop, done, max_iter, paths) or results
+            results = runs.after_iteration(state, env, inputs, log, say, stop, done, max_iter, paths) or results
     except KeyboardInterrupt:  # a second Ctrl-C (or one outside the handler): the iteration is not finished
         kept = f"{paths['last']} (iteration {state.saved}) is kept" if state.saved is not None else \
             "no last.pt was saved in this phase yet"
@@ -672,34 +648,6 @@ def phase_loop(state, loader, env, inputs, log, say, start, max_iter, paths) -> 
     finally:
         del batches
         log.close()
-    return results
-
-
-def after_iteration(state, env, inputs, log, say, stop, done, max_iter, paths) -> Optional[dict]:
-    """After `done` iterations: evaluate (every --eval-every and at the end), save last.pt (every --save-every, at each
-    snapshot, at the end and on a stop signal) plus a model_NNNNNNN.pt snapshot every --ckpt-every, and raise
-    Interrupted once last.pt is saved after a signal. Returns the evaluation's results, None when there was none."""
-    cfg, phase, main_rank, results = state.cfg, state.phase, env.rank == 0, None
-    if cfg.eval_every and (done % cfg.eval_every == 0 or done == max_iter):
-        results = runs.evaluate_sets(state.model, inputs["eval_sets"], env.device, cfg.progress and main_rank,
-                                     cfg.workers)
-        log.write({"phase": phase, "iter": done, "eval": results})
-        if main_rank:
-            say(f"[{phase} {done}] " + ", ".join(f"{n} {100 * m['mIoU']:.2f}" for n, m in results.items()))
-    stopping = runs.should_stop(stop, env)
-    if done % cfg.save_every == 0 or done % cfg.ckpt_every == 0 or done == max_iter or stopping:
-        if main_rank:
-            runs.save_state(paths["last"], state, done)
-            if done % cfg.ckpt_every == 0:  # official PeriodicCheckpointer snapshot (weights only)
-                clouds.save_checkpoint(paths["last"].parent / f"model_{done:07d}.pt", state.model)
-            runs.write_plots(cfg, state, paths)
-        state.saved = done
-    if stopping:
-        name = signal.Signals(stop.signum).name if stop.signum else "a stop signal"
-        msg = f"{name}: saved {paths['last']} at iteration {done}; resume with --resume"
-        if main_rank:
-            say(f"[train] {msg}", echo=False)  # main prints it
-        raise runs.Interrupted(msg)
     return results
 
 
@@ -717,13 +665,13 @@ def train(cfg: TrainConfig, notes=()) -> dict:
     runs first: a run that cannot finish raises Problems before any model is built or any file is written."""
     env = runs.setup_distributed(cfg.device)
     try:
-        info = runs.preflight(cfg, env, SOURCES[cfg.source].split, lambda n_src, n_gen: resolved_p_gen(cfg, n_src,
-                                                                                                       n_gen))
+        info = preflight.preflight(cfg, env, SOURCES[cfg.source].split,
+                                   p_gen_of=lambda n_src, n_gen: resolved_p_gen(cfg, n_src, n_gen))
         out = Path(cfg.out)
         main_rank = env.rank == 0
         if main_rank and cfg.overwrite:  # the old run's files go, so nothing stale mixes with the new run
-            for d in {out, *runs.phase_dirs(cfg).values()}:
-                for name in (*runs.RUN_FILES, "log.txt", "model_final.pt"):
+            for d in {out, *preflight.phase_dirs(cfg).values()}:
+                for name in (*preflight.RUN_FILES, "log.txt", "model_final.pt"):
                     (d / name).unlink(missing_ok=True)
         say = runs.RunLog(out / "log.txt", main_rank)
         runs.log_start(say, cfg, info, notes)

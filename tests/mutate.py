@@ -52,16 +52,18 @@ MUTATIONS = [
      (f"{WIRING}::test_pixel_normalization_is_clip_rgb", *CLOUDS_TESTS)),
     # ---- train.py: phase-B wiring (reference §4) ----
     ("teacher_fed_jittered_image", "train.py",  # §4.3: the teacher predicts on the clean flipped image
-     'images = pad_batch([s["image"] for s in samples], 0)', 'images = pad_batch([s["image_aug"] for s in samples], 0)',
+     'pad_batch([s["image"].to(device, non_blocking=True) for s in samples], 0)',
+     'pad_batch([s["image_aug"].to(device, non_blocking=True) for s in samples], 0)',
      (WIRING,)),
     ("sam_fed_jittered_image", "train.py",  # §4.3: SAM refines on the clean flipped image
-     'image = s["image"].permute(1, 2, 0).numpy()', 'image = s["image_aug"].permute(1, 2, 0).numpy()', (WIRING,)),
+     "image, label = image[:, :h, :w], label[:h, :w]", 'image, label = s["image_aug"].to(device), label[:h, :w]',
+     (WIRING,)),
     ("teacher_and_sam_fed_jittered_image", "data.py",  # §1.7: `image` stays un-jittered (teacher and SAM input)
      'return {**sample, "image": _to_chw(img), "image_aug": _to_chw(aug)',
      'return {**sample, "image": _to_chw(aug), "image_aug": _to_chw(aug)', (WIRING,)),
     ("student_fed_clean_image", "train.py",  # §4.3: the student sees image_aug for generated samples
-     'pad_batch([s["image_aug"] if s["generated"] else s["image"] for s in batch], 0)',
-     'pad_batch([s["image"] for s in batch], 0)', (WIRING,)),
+     '(s["image_aug"] if s["generated"] else s["image"]).to(device, non_blocking=True)',
+     's["image"].to(device, non_blocking=True)', (WIRING,)),
     ("ema_only_at_iteration_0", "train.py",  # §4.1: an EMA step every ITERATION_UPDATE iterations
      "        if joint:  # official: EMA step", "        if joint and it == 0:  # official: EMA step",
      (f"{WIRING}::test_saved_teacher_is_the_closed_form_ema_of_the_student",)),
@@ -72,16 +74,16 @@ MUTATIONS = [
      "    if it % every == 0:", "    if it % 100 == 0:",
      (f"{WIRING}::test_saved_teacher_is_the_closed_form_ema_of_the_student",)),
     ("ddp_loss_times_world_size", "train.py",  # DDP averages gradients: a rank must not rescale its loss
-     "    loss = sum(losses.values())", '    loss = sum(losses.values()) * ctx["world"]', (DDP,)),
+     "    loss = sum(losses.values())", '    loss = sum(losses.values()) * state.world', (DDP,)),
     ("poly_power_1", "train.py",  # official WarmupPolyLR power 0.9
      "return max(1.0 - it / max(self.max_iter, 1), 0.0) ** self.power",
      "return max(1.0 - it / max(self.max_iter, 1), 0.0) ** 1.0",
      (f"{WIRING}::test_logged_lr_is_the_lr_used_by_that_iteration",)),
     ("lr_logged_after_step", "train.py",  # metrics.jsonl logs the LR of the iteration it reports
-     '"iter": done, "lr": lr,', '"iter": done, "lr": scheduler.get_last_lr()[0],',
+     '"iter": done, "lr": lr,', '"iter": done, "lr": state.scheduler.get_last_lr()[0],',
      (f"{WIRING}::test_logged_lr_is_the_lr_used_by_that_iteration",)),
     ("clip_norm_ignored", "train.py",  # official CLIP_GRADIENTS full_model L2 0.01 (--clip-grad)
-     "clip_grad_norm_(ctx[\"params\"], cfg.clip_grad)", "clip_grad_norm_(ctx[\"params\"], 10 * cfg.clip_grad)",
+     "clip_grad_norm_(state.params, cfg.clip_grad)", "clip_grad_norm_(state.params, 10 * cfg.clip_grad)",
      (f"{WIRING}::test_gradients_are_clipped_at_clip_grad",)),
 ]
 

@@ -41,9 +41,10 @@ def ensure_toy_data(root, progress=True):
 
 
 def run_demo(cfg: TrainConfig) -> dict:
-    """`python demo.py` (or `python train.py --demo`): ToyCity + toy generated images, warmup on toy GTA, then three joint runs from the same
-    warmup weights: (a) source only, (b) generated images with self-training (no SAM), (c) generated images with
-    ToyPointPredictor refinement; every model is scored on the toy Cityscapes, BDD, Mapillary and ACDC val sets."""
+    """`python demo.py` (or `python train.py --demo`): ToyCity + toy generated images, warmup on toy GTA, then three
+    joint runs from the same warmup weights: (a) source only, (b) generated images with self-training (no SAM), (c)
+    generated images with ToyPointPredictor refinement; every model is scored on the toy Cityscapes, BDD, Mapillary
+    and ACDC val sets."""
     t_start = time.perf_counter()
     out, root = Path(cfg.demo_out), Path(DEMO_ROOT)
     built = ensure_toy_data(root, cfg.progress)
@@ -55,14 +56,14 @@ def run_demo(cfg: TrainConfig) -> dict:
     base = replace(cfg, demo=False, source="gta", resume=False, overwrite=True, **{**RECIPES["toy"],
                                                                                   "data_root": str(root)})
     min_area = base.sam_min_area
-    runs = {"warmup": replace(base, phase="warmup", out=str(out / "warmup"), eval_every=DEMO_ITERS["warmup"])}
+    configs = {"warmup": replace(base, phase="warmup", out=str(out / "warmup"), eval_every=DEMO_ITERS["warmup"])}
     warm = str(out / "warmup" / "model_final.pt")
     joint = replace(base, phase="joint", weights=warm, synthetic=str(gen_dir))
-    runs["source_only"] = replace(joint, out=str(out / "source_only"), p_gen=0.0, sam="none")
-    runs["self_training"] = replace(joint, out=str(out / "self_training"), sam="none")
-    runs["refine"] = replace(joint, out=str(out / "refine"), sam="toy")
+    configs["source_only"] = replace(joint, out=str(out / "source_only"), p_gen=0.0, sam="none")
+    configs["self_training"] = replace(joint, out=str(out / "self_training"), sam="none")
+    configs["refine"] = replace(joint, out=str(out / "refine"), sam="toy")
     results, timings = {}, {}
-    for name, run_cfg in runs.items():
+    for name, run_cfg in configs.items():
         t0 = time.perf_counter()
         print(f"[demo] {DEMO_ROWS[name]}")
         results[name] = train.train(run_cfg)["final"]
@@ -89,8 +90,6 @@ def markdown_table(table: dict, caption: str) -> str:
     lines = [caption, "", "| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     lines += [f"| {row} | " + " | ".join(f"{v:.2f}" for v in vals.values()) + " |" for row, vals in table.items()]
     return "\n".join(lines)
-
-
 
 
 def main(argv=None) -> dict:

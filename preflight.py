@@ -85,8 +85,8 @@ def read_trainer(path) -> dict:
         return {"phase": trainer["phase"], "iteration": int(trainer["iteration"])}
     except Exception as e:  # torch.load of a cut-off file: RuntimeError, EOFError, UnpicklingError, KeyError ...
         raise runs.TrainError(f"checkpoint {path} is unreadable ({type(e).__name__}: {runs.first_line(e)}); it was "
-                              f"probably cut off by a crash or a full disk. Delete or move it and rerun with --resume (the phase "
-                         f"restarts from iteration 0), or start over with --overwrite") from e
+                              f"probably cut off by a crash or a full disk. Delete or move it and rerun with --resume "
+                              f"(the phase restarts from iteration 0), or start over with --overwrite") from e
 
 
 def config_changes(old: dict, new: dict) -> dict:

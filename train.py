@@ -33,6 +33,7 @@ import evaluate
 import preflight
 import refine
 import runs
+from runs import Interrupted, Problems, TrainError
 
 # ---- config ----
 
@@ -498,16 +499,17 @@ def train_step(state, batch, it):
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if finite.item() < 1:
         terms = {k: v.item() for k, v in losses.items() if k in ("loss_ce", "loss_mask", "loss_dice")}
-        raise runs.TrainError(f"non-finite loss at {state.phase} iteration {it}: total {loss.item()}, final-layer terms "
-                         f"{terms}. Stopped before the optimizer step; the last good checkpoint ({runs.last_good(state)}) "
-                         f"is kept. Lower --lr or check the inputs, then rerun with --resume.")
+        raise TrainError(f"non-finite loss at {state.phase} iteration {it}: total {loss.item()}, final-layer terms "
+                         f"{terms}. Stopped before the optimizer step; the last good checkpoint "
+                         f"({runs.last_good(state)}) is kept. Lower --lr or check the inputs, then rerun with "
+                         f"--resume.")
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(state.params, cfg.clip_grad)  # official: full model, L2 0.01
     if not torch.isfinite(grad_norm):
-        raise runs.TrainError(f"non-finite gradient norm at {state.phase} iteration {it} (loss {loss.item():.4f}). "
-                         f"Stopped before the optimizer step; the last good checkpoint ({runs.last_good(state)}) is kept. "
-                         f"Lower --lr, then rerun with --resume.")
+        raise TrainError(f"non-finite gradient norm at {state.phase} iteration {it} (loss {loss.item():.4f}). "
+                         f"Stopped before the optimizer step; the last good checkpoint ({runs.last_good(state)}) is "
+                         f"kept. Lower --lr, then rerun with --resume.")
     state.optimizer.step()
     state.scheduler.step()
     t2 = _sync(device, cfg.profile)
@@ -644,7 +646,7 @@ def phase_loop(state, loader, env, inputs, log, say, start, max_iter, paths) -> 
         msg = f"interrupted inside {phase} iteration {it}: {kept}; resume with --resume"
         if main_rank:
             say(f"[train] {msg}", echo=False)  # main prints it
-        raise runs.Interrupted(msg) from None
+        raise Interrupted(msg) from None
     finally:
         del batches
         log.close()
@@ -694,7 +696,7 @@ def train(cfg: TrainConfig, notes=()) -> dict:
                 for phase in phases:
                     results[phase] = run_phase(cfg, phase, model, env, inputs,
                                                out / phase if cfg.phase == "all" else out)
-            except runs.TrainError as e:
+            except TrainError as e:
                 say(f"[train] {e}", echo=False)  # main prints it
                 raise
         return {"out": str(out), "config": str(out / "config.json"), "phases": results,
@@ -716,11 +718,11 @@ def main(argv=None) -> dict:
 
             return demo.run_demo(cfg)
         return train(cfg, notes)
-    except (runs.Problems, runs.TrainError, runs.Interrupted) as e:
+    except (Problems, TrainError, Interrupted) as e:
         if cfg.debug:
             raise
-        print(f"train.py: {e}" if not isinstance(e, runs.Problems) else e, file=sys.stderr, flush=True)
-        raise SystemExit(2 if isinstance(e, runs.Problems) else 130 if isinstance(e, runs.Interrupted) else 1) from None
+        print(f"train.py: {e}" if not isinstance(e, Problems) else e, file=sys.stderr, flush=True)
+        raise SystemExit(2 if isinstance(e, Problems) else 130 if isinstance(e, Interrupted) else 1) from None
 
 
 if __name__ == "__main__":

@@ -39,9 +39,9 @@ class EvalConfig:
     # §1.4: the GTA/SYNTHIA test sets (Cityscapes: acdc_* too)
     datasets: tuple = field(default=("cityscapes", "bdd", "mapillary"), metadata={
         "alias": "--dataset", "help": "test datasets, one or more of: " + ", ".join(TEST_DATASETS)})
-    weights: str = field(default="", metadata={  # our checkpoint (clouds.save_checkpoint), or official (--official)
+    weights: str = field(default="", metadata={  # our checkpoint (checkpoints.save_checkpoint), or official (--official)
         "help": "checkpoint to evaluate: ours (train.py model_final.pt) or an official one with --official"})
-    official: bool = field(default=False, metadata={  # load an official detectron2 checkpoint: clouds.load_official
+    official: bool = field(default=False, metadata={  # load an official detectron2 checkpoint: checkpoints.load_official
         "help": "--weights is an official detectron2 CLOUDS checkpoint"})
     preset: str = field(default="", metadata={  # --official: clouds preset to build first ("" = from the keys)
         "help": "--official: model preset (convnext_large, rn50, rn101, tiny); '' = inferred from the file"})

@@ -21,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import demo  # noqa: E402
 import train  # noqa: E402
 
 
@@ -51,7 +52,7 @@ def main(argv=None):
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
 
-    train.ensure_toy_data(args.root, progress=False)
+    demo.ensure_toy_data(args.root, progress=False)
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_train_"))
     import generate
     generate.main(["--backend", "toy", "--out", str(out / "generated"), "--num-images", "40", "--height",

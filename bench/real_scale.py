@@ -102,7 +102,7 @@ def train_argv(args, mode: str, datasets: Path, generated: Path, weights: dict, 
             "--p-gen", str(args.p_gen), "--device", args.device, "--profile", "--no-plots", "--no-progress",
             "--backbone-bf16" if mode == "fast" else "--no-backbone-bf16",
             "--tf32" if mode == "fast" else "--no-tf32"]
-    if args.tiny:  # the official 5000 px threshold scaled to the crop, like the demo (train.run_demo)
+    if args.tiny:  # the official 5000 px threshold scaled to the crop, like the demo (demo.run_demo)
         return argv + ["--preset", "tiny", "--sam", "toy", "--sam-min-area", str(round(5000 * (crop / 768) ** 2))]
     return argv + ["--preset", "convnext_large", "--clip-weights", str(weights["clip"]), "--sam", "vit_t",
                    "--sam-checkpoint", str(weights["sam"])]

@@ -74,16 +74,16 @@ MUTATIONS = [
      "    if it % every == 0:", "    if it % 100 == 0:",
      (f"{WIRING}::test_saved_teacher_is_the_closed_form_ema_of_the_student",)),
     ("ddp_loss_times_world_size", "train.py",  # DDP averages gradients: a rank must not rescale its loss
-     "    loss = sum(losses.values())", '    loss = sum(losses.values()) * ctx["world"]', (DDP,)),
+     "    loss = sum(losses.values())", '    loss = sum(losses.values()) * state.world', (DDP,)),
     ("poly_power_1", "train.py",  # official WarmupPolyLR power 0.9
      "return max(1.0 - it / max(self.max_iter, 1), 0.0) ** self.power",
      "return max(1.0 - it / max(self.max_iter, 1), 0.0) ** 1.0",
      (f"{WIRING}::test_logged_lr_is_the_lr_used_by_that_iteration",)),
     ("lr_logged_after_step", "train.py",  # metrics.jsonl logs the LR of the iteration it reports
-     '"iter": done, "lr": lr,', '"iter": done, "lr": scheduler.get_last_lr()[0],',
+     '"iter": done, "lr": lr,', '"iter": done, "lr": state.scheduler.get_last_lr()[0],',
      (f"{WIRING}::test_logged_lr_is_the_lr_used_by_that_iteration",)),
     ("clip_norm_ignored", "train.py",  # official CLIP_GRADIENTS full_model L2 0.01 (--clip-grad)
-     "clip_grad_norm_(ctx[\"params\"], cfg.clip_grad)", "clip_grad_norm_(ctx[\"params\"], 10 * cfg.clip_grad)",
+     "clip_grad_norm_(state.params, cfg.clip_grad)", "clip_grad_norm_(state.params, 10 * cfg.clip_grad)",
      (f"{WIRING}::test_gradients_are_clipped_at_clip_grad",)),
 ]
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import clouds
+import preflight
 import train
 
 TINY = ["--preset", "tiny", "--train-backbone", "--crop-size", "64", "--batch-size", "2", "--workers", "0",
@@ -217,9 +218,9 @@ def test_recipe_toy_sets_the_demo_values_and_explicit_flags_win():
 
 
 def test_random_frozen_backbone_warns():
-    assert "RANDOM-INIT" in train.run_warnings(train.parse_config(["--preset", "tiny"]))[0]
-    assert train.run_warnings(train.parse_config(["--preset", "tiny", "--train-backbone"])) == []
-    assert train.run_warnings(train.parse_config(["--recipe", "toy"])) == []
+    assert "RANDOM-INIT" in preflight.run_warnings(train.parse_config(["--preset", "tiny"]))[0]
+    assert preflight.run_warnings(train.parse_config(["--preset", "tiny", "--train-backbone"])) == []
+    assert preflight.run_warnings(train.parse_config(["--recipe", "toy"])) == []
 
 
 def test_clip_cache_check_is_offline(tmp_path, monkeypatch):
@@ -228,7 +229,7 @@ def test_clip_cache_check_is_offline(tmp_path, monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     cfg = train.parse_config([])
-    (problem,) = train.clip_problems(cfg)
+    (problem,) = preflight.clip_problems(cfg)
     assert "hf download laion/CLIP-convnext_large_d_320.laion2B-s29B-b131K-ft-soup open_clip_pytorch_model.bin" \
         in problem and str(tmp_path) in problem
     repo = tmp_path / "models--laion--CLIP-convnext_large_d_320.laion2B-s29B-b131K-ft-soup"
@@ -236,7 +237,7 @@ def test_clip_cache_check_is_offline(tmp_path, monkeypatch):
     (repo / "refs" / "main").write_text("abc123")
     (repo / "snapshots" / "abc123").mkdir(parents=True)
     (repo / "snapshots" / "abc123" / "open_clip_pytorch_model.bin").write_bytes(b"x")
-    assert train.clip_problems(cfg) == []
-    rn50 = train.clip_problems(train.parse_config(["--preset", "rn50"]))
+    assert preflight.clip_problems(cfg) == []
+    rn50 = preflight.clip_problems(train.parse_config(["--preset", "rn50"]))
     assert "hf download timm/resnet50_clip.openai" in rn50[0]
-    assert train.clip_problems(train.parse_config(["--clip-weights", str(repo / "refs" / "main")])) == []
+    assert preflight.clip_problems(train.parse_config(["--clip-weights", str(repo / "refs" / "main")])) == []

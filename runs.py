@@ -1,0 +1,480 @@
+"""Run bookkeeping of train.py: the preflight, resume and config checks, last.pt save/restore, metrics.jsonl and
+log.txt, Ctrl-C / SIGTERM, the PNG plots and the periodic evaluation (reference §1.3-1.4, §9). The training method
+itself (Sec. 3.3 of the paper) is in train.py, which imports this file; this file never imports train.py.
+
+Usage: not a script; `import runs` (train.py does). A running phase's state is train.RunState (duck-typed here).
+"""
+import argparse
+import json
+import math
+import os
+import pickle
+import signal
+import sys
+import tempfile
+import threading
+import time
+import typing
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import checkpoints
+import clouds
+import data
+import evaluate
+
+# ---- errors: what main prints, and its exit code ----
+
+
+class Problems(Exception):
+    """What stops a run from starting, as one message (main prints it and exits 2; --debug shows the traceback)."""
+
+    def __init__(self, problems):
+        self.problems = list(problems)
+        n = len(self.problems)
+        lines = [f"train.py cannot start: {n} problem{'s' * (n > 1)} (fix each, then rerun the same command)"]
+        lines += [f"  {i}. " + p.replace("\n", "\n     ") for i, p in enumerate(self.problems, 1)]
+        super().__init__("\n".join(lines))
+
+
+class TrainError(RuntimeError):
+    """A run stopped on bad state (non-finite outputs or loss, an unreadable checkpoint); the message says what to
+    do. main prints it and exits 1 (--debug: traceback)."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C / SIGTERM: last.pt was saved (or kept); main prints the message and exits 130."""
+
+
+def first_line(err) -> str:
+    return str(err).split("\n")[0]
+
+
+# ---- command line: argparse generated from a config dataclass ----
+
+
+def dataclass_parser(cls, description: str, choices: dict, explicit_only: bool = False) -> argparse.ArgumentParser:
+    """--field-name VALUE per field of the dataclass `cls`, help from the field's metadata["help"], default shown;
+    --flag/--no-flag for booleans (BooleanOptionalAction), nargs="*" for tuples, `choices[name]` where given.
+    explicit_only: every default is SUPPRESS, so parsing returns only the flags given on the command line."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        tp, flag, help_ = hints[f.name], "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
+        default = argparse.SUPPRESS if explicit_only else f.default
+        valid = list(choices[f.name]) if f.name in choices else None
+        if typing.get_origin(tp) is typing.Union:  # Optional[X] -> X
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
+        elif typing.get_origin(tp) is tuple:
+            parser.add_argument(flag, nargs="*", type=typing.get_args(tp)[0], default=default, help=help_,
+                                choices=valid)
+        else:
+            parser.add_argument(flag, type=tp, default=default, help=help_, choices=valid)
+    return parser
+
+
+def as_flag(name, value) -> str:
+    """The command-line spelling of a field value: --train-backbone, --no-plots, --eval-sets a b, --lr 0.0005."""
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} " + (" ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value))
+
+
+# ---- distributed ----
+
+
+@dataclass
+class Env:
+    rank: int
+    world: int
+    device: torch.device
+    started: bool  # we initialized the process group (and destroy it at the end)
+
+
+def setup_distributed(device_name: str) -> Env:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK/MASTER_*; NCCL on GPUs, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_name == "auto":
+        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(device_name)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device(f"cuda:{local}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    started = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        started = True
+    return Env(rank, world, device, started)
+
+
+# ---- checkpoints of the trainer state (last.pt) ----
+
+
+def load_weights(model, path):
+    """Initial weights: our checkpoint (head, + backbone if it was trained) or an official model_final.pth."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--weights {path} does not exist: pass the warmup model_final.pt (ours) or an "
+                                f"official model_final.pth, or use --phase all to run the warmup first")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # pickled Python objects: not ours; load_official reads and checks it
+        ckpt = None
+    if isinstance(ckpt, dict) and ckpt.get("version") == 1 and "model" in ckpt:
+        state = ckpt["model"]
+        model.sem_seg_head.load_state_dict({k[13:]: v for k, v in state.items() if k.startswith("sem_seg_head.")})
+        backbone = {k[20:]: v for k, v in state.items() if k.startswith("backbone.clip_model.")}
+        if backbone:
+            model.backbone.clip_model.load_state_dict(backbone)
+        return ckpt
+    checkpoints.load_official(path, model)
+    return None
+
+
+def save_state(path, state, iteration):
+    """last.pt: the model (head, + backbone when trained) plus everything resume needs. Written atomically."""
+    trainer = {"phase": state.phase, "iteration": iteration, "optimizer": state.optimizer.state_dict(),
+               "scheduler": state.scheduler.state_dict(),
+               "teacher": state.teacher.state_dict() if state.teacher is not None else None,
+               "torch_rng": torch.get_rng_state(), "config": asdict(state.cfg)}
+    checkpoints.save_checkpoint(path, state.model, trainer=trainer)
+
+
+def restore_state(path, state) -> int:
+    """Load last.pt into the running model, optimizer, schedule and teacher; returns the completed iterations. The
+    data stream and the per-iteration generators are functions of (seed, iteration), so nothing else is needed."""
+    try:
+        ckpt = load_weights(state.model, path)
+    except Exception as e:  # a cut-off or foreign file; read_trainer already checked it in the preflight
+        raise TrainError(f"could not resume from {path} ({type(e).__name__}: {first_line(e)}); move it away or "
+                         f"start over with --overwrite") from e
+    trainer = (ckpt or {}).get("trainer")
+    if not trainer or trainer.get("phase") != state.phase:
+        raise TrainError(f"{path} holds no {state.phase} trainer state (found phase "
+                           f"{(trainer or {}).get('phase')}); resume from the matching --out folder or drop --resume")
+    fresh = [{k: g[k] for k in ("lr", "weight_decay")} for g in state.optimizer.param_groups]  # this run's config
+    schedule = dict(vars(state.scheduler.lr_lambdas[0]))
+    state.optimizer.load_state_dict(trainer["optimizer"])
+    state.scheduler.load_state_dict(trainer["scheduler"])  # restores the saved LRSchedule fields too
+    # This run's hyperparameters take effect from the resumed iteration (the preflight refused any change without
+    # --allow-config-change); unchanged ones give back exactly the saved values.
+    sched = state.scheduler
+    sched.lr_lambdas[0].__dict__.update(schedule)
+    sched.base_lrs = [g["lr"] for g in fresh]
+    for group, new, base in zip(state.optimizer.param_groups, fresh, sched.base_lrs):
+        group.update(weight_decay=new["weight_decay"], initial_lr=base, lr=base * sched.lr_lambdas[0](sched.last_epoch))
+    sched._last_lr = [g["lr"] for g in state.optimizer.param_groups]  # what get_last_lr() (the logged LR) reports
+    if state.teacher is not None:
+        state.teacher.load_state_dict(trainer["teacher"])
+    torch.set_rng_state(trainer["torch_rng"])
+    return int(trainer["iteration"])
+
+
+def atomic(path, write):
+    """Call write(tmp) on a temp file beside `path`, then move it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(obj, path):
+    atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+# ---- guards: a non-finite step stops before the optimizer step ----
+
+
+def check_outputs(state, outputs, it):
+    """Raise TrainError when pred_logits / pred_masks (final or auxiliary) hold NaN or Inf: one device sync, and every
+    rank stops together (MIN all-reduce)."""
+    named = [("", outputs)] + [(f"aux_outputs[{i}].", a) for i, a in enumerate(outputs.get("aux_outputs", []))]
+    tensors = [(p + k, o[k]) for p, o in named for k in ("pred_logits", "pred_masks")]
+    finite = torch.stack([torch.isfinite(t).all() for _, t in tensors]).float()  # (n,)
+    if state.world > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if finite.min().item() < 1:
+        bad = [n for (n, _), f in zip(tensors, finite.tolist()) if f < 1]
+        cfg = state.cfg
+        raise TrainError(f"non-finite model outputs at {state.phase} iteration {it} ({', '.join(bad[:4])}"
+                         f"{', ...' if len(bad) > 4 else ''}): stopped before the matcher and the optimizer step; the "
+                         f"last good checkpoint is {last_good(state)}. Try a lower --lr (now {cfg.lr})"
+                         + (", --no-backbone-bf16" if cfg.backbone_bf16 else "")
+                         + ", or check the input images; then rerun with --resume.")
+
+
+def last_good(state) -> str:
+    saved = state.saved
+    return f"{state.last}, iteration {saved}" if saved is not None else f"none yet: {state.last} is not written"
+
+
+# ---- logs: metrics.jsonl (+ TensorBoard) and log.txt ----
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per logged iteration or evaluation) and, optionally, TensorBoard scalars."""
+
+    def __init__(self, path, enabled=True, tensorboard=False, keep_until=None, say=None):
+        self.path, self.enabled, self.writer = Path(path), enabled, None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if keep_until is not None and self.path.is_file():  # resume: drop what the interrupted run logged later
+            lines = [json.dumps(r) for r in read_metrics(self.path, say) if r.get("iter", 0) <= keep_until]
+            atomic(self.path, lambda tmp: Path(tmp).write_text("".join(ln + "\n" for ln in lines)))
+        elif keep_until is None:
+            self.path.unlink(missing_ok=True)
+        if tensorboard:
+            self.writer = summary_writer_cls()(str(self.path.parent / "tensorboard"))
+
+    def write(self, record):
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "iter":
+                    self.writer.add_scalar(f"{record['phase']}/{key}", value, record["iter"])
+            for name, m in record.get("eval", {}).items():
+                self.writer.add_scalar(f"{record['phase']}/mIoU/{name}", m["mIoU"], record["iter"])
+            self.writer.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(path, say=None) -> list:
+    """The records of a metrics.jsonl; a line that is not JSON (cut off by a crash) is skipped with a warning."""
+    records, say = [], say or _warn
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            say(f"[train] warning: {path} line {i} is not valid JSON (cut off by a crash?); skipped: {line[:60]!r}",
+                err=True)
+    return records
+
+
+def _warn(msg, err=True):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def summary_writer_cls():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ImportError("--tensorboard needs the tensorboard package: pip install tensorboard "
+                          "(or drop --tensorboard; metrics.jsonl is always written)") from e
+    return SummaryWriter
+
+
+class RunLog:
+    """Prints and appends to OUT/log.txt (rank 0): the config summary, notes, warnings, eval tables, stops."""
+
+    def __init__(self, path, enabled=True):
+        self.path = Path(path) if enabled else None
+        self.enabled = enabled
+
+    def __call__(self, msg, err=False, echo=True):
+        if not self.enabled:
+            return
+        if echo:
+            print(msg, file=sys.stderr if err else sys.stdout, flush=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+
+
+# ---- signals ----
+
+
+class StopFlag:
+    """SIGINT / SIGTERM handler for the training loop: the first signal lets the current iteration finish, then the
+    loop saves last.pt and stops; a second one aborts at once (KeyboardInterrupt). Main thread only."""
+
+    def __init__(self):
+        self.signum, self._old, self.pid = None, {}, os.getpid()
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if os.getpid() != self.pid:  # a forked DataLoader worker: the main process handles the signal
+            return
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n[train] {signal.Signals(signum).name}: finishing this iteration, then saving last.pt "
+              f"(send it again to abort without saving)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def should_stop(stop, env) -> bool:
+    """Whether a signal arrived on any rank (all ranks stop after the same iteration, or the others would hang)."""
+    flag = stop.signum is not None
+    if env.world > 1:
+        t = torch.tensor(float(flag), device=env.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        flag = t.item() > 0
+    return flag
+
+
+# ---- plots ----
+
+
+def plot_curves(metrics_path, png_path):
+    """Loss (left) and mIoU per evaluation set (right) against the iteration, from metrics.jsonl."""
+    from matplotlib.figure import Figure
+
+    records = read_metrics(metrics_path, say=lambda *a, **k: None)  # torn lines were reported at resume
+    fig = Figure(figsize=(10, 4))
+    ax_loss, ax_miou = fig.subplots(1, 2)
+    train = [r for r in records if "loss" in r]
+    ax_loss.plot([r["iter"] for r in train], [r["loss"] for r in train], label="total")
+    for key in ("loss_ce", "loss_mask", "loss_dice"):
+        ax_loss.plot([r["iter"] for r in train], [r.get(key, math.nan) for r in train], label=key, lw=0.8)
+    ax_loss.set(xlabel="iteration", ylabel="loss", title="training loss")
+    ax_loss.legend()
+    evals = [r for r in records if "eval" in r]
+    for name in (evals[0]["eval"] if evals else {}):
+        ax_miou.plot([r["iter"] for r in evals], [100 * r["eval"][name]["mIoU"] for r in evals], "o-", label=name)
+    ax_miou.set(xlabel="iteration", ylabel="mIoU (%)", title="evaluation")
+    if evals:
+        ax_miou.legend()
+    fig.tight_layout()
+    atomic(png_path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+
+
+def plot_pseudo_labels(records, png_path):
+    """Grid of generated samples: image | teacher argmax | refined pseudo label, with a legend of the class colours
+    that appear; black = no class (ignored, or dropped by the refinement rules, reference §5.3)."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    fig = Figure(figsize=(9, 3 * len(records) + 1.2))
+    axes = np.asarray(fig.subplots(len(records), 3, squeeze=False))
+    for row, (image, teacher, refined) in zip(axes, records):
+        for ax, img, title in zip(row, (image, data.colorize(teacher), data.colorize(refined)),
+                                  ("generated image", "teacher", "refined")):
+            ax.imshow(img)
+            ax.set_title(title)
+            ax.axis("off")
+    present = sorted({int(c) for _, t, r in records for c in np.unique(np.concatenate([t.ravel(), r.ravel()]))
+                      if c < len(data.CLASSES)})
+    handles = [Patch(color=data.PALETTE[c] / 255, label=data.CLASSES[c]) for c in present]
+    handles.append(Patch(facecolor="black", label="black: ignored / dropped by refinement"))
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 1.2 / (3 * len(records) + 1.2), 1, 1))
+    atomic(png_path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+
+
+def write_plots(cfg, state, paths):
+    if not cfg.plots:
+        return
+    if paths["metrics"].is_file():
+        plot_curves(paths["metrics"], paths["curves"])
+    if state.records:
+        plot_pseudo_labels(state.records, paths["pseudo_labels"])
+
+
+# ---- evaluation during training ----
+
+
+def build_eval_sets(cfg) -> dict:
+    """The test sets (reference §1.4) with the §8.1 test resize; the first eval_max images when eval_max > 0."""
+    sets = {}
+    for name in cfg.eval_sets if cfg.eval_every else ():
+        ds = data.build_dataset(name, cfg.data_root, transform=data.TestTransform(cfg.test_short_side))
+        if cfg.eval_max:
+            ds = data.SegDataset(ds.name, ds.items[:cfg.eval_max], ds.transform)
+        sets[name] = ds
+    return sets
+
+
+def evaluate_sets(model, sets, device, progress, workers=0) -> dict:
+    """{set: {"mIoU", "mIoU16", "mAcc", "aAcc"}} (fractions); every rank must call it (confusions are summed).
+    `workers` DataLoader processes read and resize the images (--workers), off the training process."""
+    out = {}
+    for name, ds in sets.items():
+        m = evaluate.evaluate_model(model, ds, device=device, progress=progress, num_workers=workers)
+        out[name] = {k: m[k] for k in ("mIoU", "mIoU16", "mAcc", "aAcc")}
+        out[name]["IoU"] = {c: None if math.isnan(v) else v for c, v in zip(data.CLASSES, m["IoU"].tolist())}
+    return out
+
+
+
+
+# ---- the start of a run, the end of an iteration ----
+
+
+def log_start(say, cfg, info: dict, notes=()):
+    """log.txt's first lines: the run summary, the notes (--recipe) and warnings, and with --allow-config-change the
+    changed settings, which are also appended to the config record's history (config.json)."""
+    say(f"[train] {cfg.source} -> {cfg.out}: phase {cfg.phase}, preset {cfg.preset}, iterations "
+        f"{cfg.iters_warmup} warmup / {cfg.iters_joint} joint, batch {cfg.batch_size}, crop {cfg.crop_size}, lr "
+        f"{cfg.lr} ({cfg.schedule}), {info['n_source']} source images, {info['n_generated']} generated (p_gen "
+        f"{info['p_gen']:.3f}), SAM {cfg.sam}, eval {', '.join(cfg.eval_sets) if cfg.eval_every else 'off'}")
+    for line in (*notes, *info["warnings"]):
+        say(f"[train] {line}", err=line.startswith("warning"))
+    if info["changes"]:
+        changed = {k: [o, n] for k, (o, n) in info["changes"].items()}
+        at = {ph: r["iteration"] for ph, r in info["resume"].items()}
+        info["config"]["history"].append({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "resumed_at": at,
+                                          "changed": changed})
+        say("[train] --allow-config-change: from the resumed iteration "
+            + ", ".join(f"{k} {o!r} -> {n!r}" for k, (o, n) in changed.items()), err=True)
+
+
+def after_iteration(state, env, inputs, log, say, stop, done, max_iter, paths) -> Optional[dict]:
+    """After `done` iterations: evaluate (every --eval-every and at the end), save last.pt (every --save-every, at each
+    snapshot, at the end and on a stop signal) plus a model_NNNNNNN.pt snapshot every --ckpt-every, and raise
+    Interrupted once last.pt is saved after a signal. Returns the evaluation's results, None when there was none."""
+    cfg, phase, main_rank, results = state.cfg, state.phase, env.rank == 0, None
+    if cfg.eval_every and (done % cfg.eval_every == 0 or done == max_iter):
+        results = evaluate_sets(state.model, inputs["eval_sets"], env.device, cfg.progress and main_rank,
+                                     cfg.workers)
+        log.write({"phase": phase, "iter": done, "eval": results})
+        if main_rank:
+            say(f"[{phase} {done}] " + ", ".join(f"{n} {100 * m['mIoU']:.2f}" for n, m in results.items()))
+    stopping = should_stop(stop, env)
+    if done % cfg.save_every == 0 or done % cfg.ckpt_every == 0 or done == max_iter or stopping:
+        if main_rank:
+            save_state(paths["last"], state, done)
+            if done % cfg.ckpt_every == 0:  # official PeriodicCheckpointer snapshot (weights only)
+                checkpoints.save_checkpoint(paths["last"].parent / f"model_{done:07d}.pt", state.model)
+            write_plots(cfg, state, paths)
+        state.saved = done
+    if stopping:
+        name = signal.Signals(stop.signum).name if stop.signum else "a stop signal"
+        msg = f"{name}: saved {paths['last']} at iteration {done}; resume with --resume"
+        if main_rank:
+            say(f"[train] {msg}", echo=False)  # main prints it
+        raise Interrupted(msg)
+    return results

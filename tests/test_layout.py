@@ -6,7 +6,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = {"ops", "data", "toyparts", "toyscene", "toypaint", "toycity", "toysam", "criterion", "clouds", "checkpoints",
-           "refine", "generate", "evaluate", "runs", "preflight", "train", "demo"}
+           "refine", "generate", "evaluate", "runs", "preflight", "train_config", "train", "demo"}
 ALLOWED = {
     "ops": set(),
     "data": set(),
@@ -23,6 +23,7 @@ ALLOWED = {
     "evaluate": {"data", "clouds", "checkpoints"},
     "runs": {"ops", "data", "clouds", "checkpoints", "refine", "evaluate"},  # train.py's run bookkeeping: never train
     "preflight": {"ops", "data", "clouds", "checkpoints", "refine", "evaluate", "runs"},  # train.py's preflight
+    "train_config": {"clouds", "data", "refine", "runs"},  # train.py's flags, presets and parser
     "train": PROJECT - {"train"},  # demo only lazily, inside main (test_train_imports_demo_lazily)
     "demo": PROJECT - {"demo"},
 }

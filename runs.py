@@ -357,9 +357,11 @@ def plot_curves(metrics_path, png_path):
     fig = Figure(figsize=(10, 4))
     ax_loss, ax_miou = fig.subplots(1, 2)
     train = [r for r in records if "loss" in r]
-    ax_loss.plot([r["iter"] for r in train], [r["loss"] for r in train], label="total")
+    marker = "o" if len(train) < 3 else None  # a line of one point draws nothing
+    ax_loss.plot([r["iter"] for r in train], [r["loss"] for r in train], label="total", marker=marker)
     for key in ("loss_ce", "loss_mask", "loss_dice"):
-        ax_loss.plot([r["iter"] for r in train], [r.get(key, math.nan) for r in train], label=key, lw=0.8)
+        ax_loss.plot([r["iter"] for r in train], [r.get(key, math.nan) for r in train], label=key, lw=0.8,
+                     marker=marker)
     ax_loss.set(xlabel="iteration", ylabel="loss", title="training loss")
     ax_loss.legend()
     evals = [r for r in records if "eval" in r]

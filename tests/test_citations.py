@@ -23,7 +23,7 @@ CODE_SUFFIXES = (".py", ".cpp", ".cu", ".sh")
 SCANNED_MD = ("README.md", "DEVELOPERS.md", "BENCHMARKS.md")
 DOC_ALIASES = {"clouds_reference.md": OFFICIAL}  # the project notes that docs/official_code.md restates
 SELF = "tests/test_citations.py"  # its strings are examples of tags, not citations
-SKIP_DIRS = {".git", ".venv", ".cache", "runs", "datasets", "datasets_toy", "__pycache__", "node_modules"}
+SKIP_DIRS = {"runs", "datasets", "datasets_toy", "__pycache__", "node_modules"}  # and hidden folders
 
 # Tags that are wrong in the code and wait for a fix there (file, tag): each must still occur, so a fixed entry has
 # to be removed from this list. The fused semantic-inference kernels tag their steps "Sec. 3.4"; the paper's method
@@ -128,8 +128,8 @@ def repo_files() -> list:
                              capture_output=True, text=True, check=True).stdout.splitlines()
         return sorted(p for p in set(out) if (ROOT / p).is_file())
     except (OSError, subprocess.CalledProcessError):
-        return sorted(p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*")
-                      if p.is_file() and not SKIP_DIRS & set(p.relative_to(ROOT).parts))
+        return sorted(p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*") if p.is_file() and not any(
+            d in SKIP_DIRS or d.startswith(".") for d in p.relative_to(ROOT).parts[:-1]))
 
 
 def cited_files() -> list:

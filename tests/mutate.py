@@ -101,10 +101,9 @@ MUTATIONS = [
     ("lora_scaling_dropped", "backbones.py",  # LoRA: alpha / r
      "F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scaling", "F.linear(F.linear(x, self.lora_a), self.lora_b)",
      ("tests/test_backbones.py",)),
-    ("teacher_shares_the_student_adapter", "train.py",  # issue 19: the teacher averages its own copy of the adapter
-     "teacher = copy.deepcopy(model.sem_seg_head if source is None else source)",
-     "teacher = (copy.deepcopy(model.sem_seg_head) if source is None else source)",
-     ("tests/test_backbone_runs.py",)),
+    ("teacher_ignores_the_adapter", "train.py",  # issue 19: the teacher averages its own copy of the adapter too
+     "source = EMASource(model) if tunes else None", "source = None",
+     ("tests/test_backbone_runs.py::test_teacher_holds_its_own_copy_of_the_adapter",)),
     ("slide_counts_ignored", "evaluate.py",  # overlapping windows are averaged
      "    scores = total / count  # (B, C, H, W)", "    scores = total  # (B, C, H, W)",
      ("tests/test_eval_protocol.py",)),

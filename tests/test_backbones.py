@@ -137,6 +137,47 @@ def test_only_the_adapter_trains(name, tuning):
 # ---- Rein and LoRA against float64 references of their definitions ----
 
 
+def rein_reference(rein, layer, Fp):
+    """The definition, written out with einsum: T = A_i B_i; S = softmax over the m tokens of F T^T / sqrt(C);
+    dF = f_out(S f_tok(T) + F); F + scale * dF. Fp: (B, N, C) patch tokens only."""
+    A, B = rein.tokens_a[layer], rein.tokens_b[layer]
+    T = torch.einsum("mr,rc->mc", A, B)
+    S = torch.exp(torch.einsum("bnc,mc->bnm", Fp, T) / math.sqrt(Fp.shape[-1]))
+    S = S / S.sum(-1, keepdim=True)
+    ftok = torch.einsum("mc,dc->md", T, rein.token_proj.weight) + rein.token_proj.bias
+    inner = torch.einsum("bnm,md->bnd", S, ftok) + Fp
+    dF = torch.einsum("bnc,dc->bnd", inner, rein.out_proj.weight) + rein.out_proj.bias
+    return Fp + rein.scale * dF
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_rein_backbone_is_timm_with_a_refinement_after_every_block(name):
+    """timm's own block loop (forward_intermediates) with the reference refinement of the PATCH tokens hooked after
+    every block gives the Rein backbone's features. Catches a refined class/register token, a skipped block, a
+    refinement after the features are taken."""
+    bb = tiny_backbone(name, "rein")
+    randomize_adapter(bb)
+    P = bb.prefix
+
+    def hook(i):
+        def refine(module, args, out):
+            return torch.cat([out[:, :P], rein_reference(bb.rein, i, out[:, P:])], 1)
+        return refine
+
+    x = torch.randn(1, 3, 64, 96)
+    handles = [blk.register_forward_hook(hook(i)) for i, blk in enumerate(bb.vit.blocks)]
+    with torch.no_grad():
+        ref = bb.vit.forward_intermediates(x, indices=list(bb.layers), norm=False, output_fmt="NCHW",
+                                           intermediates_only=True)
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        f = bb(x)
+    torch.testing.assert_close(f["res4"], ref[2], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(f["res5"], F.avg_pool2d(ref[3], 2), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(f["res3"], F.interpolate(ref[1], scale_factor=2, mode="bilinear"), rtol=1e-4, atol=1e-4)
+
+
 def test_rein_matches_its_definition_in_float64():
     torch.manual_seed(0)
     rein = backbones.Rein(dim=8, depth=3, num_tokens=5, rank=2, query_dim=4).double()
@@ -146,16 +187,7 @@ def test_rein_matches_its_definition_in_float64():
         rein.scale.fill_(0.7)
     x = torch.randn(2, 1 + 6, 8, dtype=torch.float64)  # 1 class token + 6 patches
     out = rein(x, 1, 1)
-    # reference, written out: T = A_1 B_1; S = softmax over tokens of F T^T / sqrt(C); dF = f_out(S f_tok(T) + F)
-    A, B = rein.tokens_a[1], rein.tokens_b[1]
-    T = torch.einsum("mr,rc->mc", A, B)
-    Fp = x[:, 1:]
-    S = torch.exp(torch.einsum("bnc,mc->bnm", Fp, T) / math.sqrt(8))
-    S = S / S.sum(-1, keepdim=True)
-    ftok = torch.einsum("mc,dc->md", T, rein.token_proj.weight) + rein.token_proj.bias
-    inner = torch.einsum("bnm,md->bnd", S, ftok) + Fp
-    dF = torch.einsum("bnc,dc->bnd", inner, rein.out_proj.weight) + rein.out_proj.bias
-    torch.testing.assert_close(out[:, 1:], Fp + 0.7 * dF, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out[:, 1:], rein_reference(rein, 1, x[:, 1:]), rtol=1e-12, atol=1e-12)
     assert torch.equal(out[:, :1], x[:, :1])  # the class token is never refined
     # queries: Q_i = f_q(T_i); Q = f_merge([Q_last, max_i Q_i, mean_i Q_i])
     Qi = torch.stack([rein.query_proj(rein.tokens_a[i] @ rein.tokens_b[i]) for i in range(3)])  # (3, 5, 4)

@@ -10,6 +10,7 @@ criterion.py (re-exported here: `clouds.targets_from_label`, `clouds.SetCriterio
 Usage:
     model = build_model("convnext_large")            # or "rn50", "rn101", "tiny"; pretrained=None for random init
     pred = model.predict(images_uint8_bchw)          # int64 (B, H, W) train ids
+    build_model("convnext_large", backbone="dinov2_l", tuning="rein")  # beyond the paper: a ViT (backbones.py)
 """
 import math
 import os
@@ -557,7 +558,8 @@ def semantic_inference(pred_logits, pred_masks, size):
 
 
 class CLOUDS(nn.Module):
-    """Frozen CLIP backbone + Mask2Former head (+ the criterion). Images are RGB 0..255, (B, 3, H, W)."""
+    """Frozen CLIP backbone (or a ViT of backbones.py) + Mask2Former head (+ the criterion). Images are RGB 0..255,
+    (B, 3, H, W)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

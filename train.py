@@ -12,6 +12,7 @@ Usage:
     python train.py --recipe toy --synthetic datasets_toy/generated --out runs/toy  # the same code path on ToyCity
     torchrun --nproc_per_node 2 train.py --source gta ...     # DDP; --batch-size is the total over the ranks
     python train.py --demo                                      # offline CPU ablation on ToyCity (demo.py, < 10 min)
+    python train.py --source gta --synthetic DIR --backbone dinov2_l --tuning rein   # beyond the paper (backbones.py)
 """
 import argparse
 import copy
@@ -120,7 +121,7 @@ def param_groups(modules: dict, cfg: TrainConfig, lr: float) -> list:
     normalization layer and of an nn.Embedding (query_feat, query_embed, the decoder level_embed), 0.05 otherwise
     (the MSDeformAttn encoder level_embed is an nn.Parameter, so it decays); backbone parameters get
     lr * backbone_multiplier. `modules` maps a name ("head", "backbone", "adapter") to a module; frozen parameters are
-    skipped; an "adapter" (Rein / LoRA, issue 19) trains at the head's lr, as in Rein."""
+    skipped; an "adapter" (Rein / LoRA, issue 19; ours) trains at the head's lr."""
     groups, seen = {}, set()
     for name, root in modules.items():
         mult = cfg.backbone_multiplier if name == "backbone" else 1.0
@@ -199,9 +200,9 @@ def teacher_step(teacher: nn.Module, student: nn.Module, it: int, alpha: float, 
 
 
 class _Student(nn.Module):
-    """The trainable part: the head (plus the backbone when it trains or tunes an adapter). `forward` runs the full
-    model with this head.
-    Only this module goes into DistributedDataParallel; the frozen backbone, the EMA teacher and SAM never do."""
+    """The trainable part: the head (plus the backbone when it trains or tunes an adapter: then only the adapter
+    requires grad). `forward` runs the full model with this head. Only this module goes into DistributedDataParallel;
+    a frozen backbone, the EMA teacher and SAM never do."""
 
     def __init__(self, model, train_backbone: bool):
         super().__init__()

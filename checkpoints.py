@@ -149,15 +149,50 @@ def load_official(path, model=None):
 # ---- our checkpoints ----
 
 
+def saves_full_backbone(cfg: dict) -> bool:
+    """A trained or random-init backbone cannot be rebuilt from its pretrained weights, so checkpoints hold all of it;
+    a frozen pretrained one is not saved, and a tuned ViT (Rein / LoRA on pretrained weights) only its adapter."""
+    return bool(cfg.get("train_backbone")) or cfg.get("pretrained") is None
+
+
+def backbone_state(model) -> dict:
+    """The `backbone.*` tensors a checkpoint of `model` holds (see saves_full_backbone). For CLIP the keys are
+    `backbone.clip_model.*`, as in the official files."""
+    cfg = asdict(model.cfg)
+    if saves_full_backbone(cfg):
+        return {f"backbone.{k}": v for k, v in model.backbone.state_dict().items()}
+    if cfg.get("tuning", "frozen") != "frozen":
+        keep = set(model.backbone.adapter_names())
+        return {f"backbone.{k}": v for k, v in model.backbone.state_dict().items() if k in keep}
+    return {}
+
+
+def load_backbone_state(model, state: dict, what="checkpoint"):
+    """Load the `backbone.*` tensors of a checkpoint's state dict: all of the backbone strictly, or (a tuned ViT on
+    pretrained weights) exactly its adapter tensors; anything else is a RuntimeError naming the keys."""
+    tensors = _prefixed(state, "backbone.")
+    if not tensors:
+        return
+    adapter = set(model.backbone.adapter_names()) if hasattr(model.backbone, "adapter_names") else set()
+    if not adapter or not set(tensors) <= adapter:  # the whole backbone (CLIP, or a trained / random-init ViT)
+        model.backbone.load_state_dict(tensors, strict=True)
+        return
+    missing = sorted(adapter - set(tensors))
+    if missing:
+        raise RuntimeError(f"{what}: {len(missing)} {model.cfg.tuning} adapter tensors of backbone "
+                           f"'{model.cfg.backbone}' are missing ({missing[:5]}); build the model with the checkpoint's "
+                           f"backbone and tuning settings (lora_rank, lora_targets, rein_rank, num_queries)")
+    model.backbone.load_state_dict(tensors, strict=False)  # the frozen ViT weights came from `pretrained`
+
+
 def save_checkpoint(path, model, **extra):
-    """Write {"version": 1, "config", "model": head state (+ backbone when trained or random-init), **extra} atomically."""
+    """Write {"version": 1, "config", "model": head state (+ backbone when trained or random-init; + the adapter of a
+    tuned ViT), **extra} atomically."""
     clash = {"version", "config", "model"} & set(extra)
     if clash:
         raise ValueError(f"extra keys {sorted(clash)} are reserved")
     state = {f"sem_seg_head.{k}": v for k, v in model.sem_seg_head.state_dict().items()}
-    # A trained or random-init backbone cannot be rebuilt from open_clip's pretrained weights, so it is saved too.
-    if model.cfg.train_backbone or model.cfg.pretrained is None:
-        state.update({f"backbone.clip_model.{k}": v for k, v in model.backbone.clip_model.state_dict().items()})
+    state.update(backbone_state(model))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -182,14 +217,13 @@ def load_checkpoint(path, map_location="cpu", **overrides):
     valid = {f.name for f in fields(clouds.ModelConfig)}
     if set(cfg) - valid:
         raise RuntimeError(f"{path}: unknown config fields {sorted(set(cfg) - valid)} (written by another version?)")
-    backbone = _prefixed(ckpt["model"], "backbone.clip_model.")
-    if backbone:
-        cfg["pretrained"] = None  # the backbone weights come from the file
+    backbone = _prefixed(ckpt["model"], "backbone.")
+    if backbone and saves_full_backbone(cfg):
+        cfg["pretrained"] = None  # the backbone weights come from the file (a tuned ViT's adapter: on top of its own)
     cfg.update(overrides)
     model = clouds.CLOUDS(clouds.ModelConfig(**cfg))
     _load_head_strict(model.sem_seg_head, _prefixed(ckpt["model"], "sem_seg_head."), str(path))
-    if backbone:
-        model.backbone.clip_model.load_state_dict(backbone, strict=True)
+    load_backbone_state(model, ckpt["model"], str(path))
     return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model, ckpt
 
 

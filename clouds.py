@@ -10,6 +10,7 @@ criterion.py (re-exported here: `clouds.targets_from_label`, `clouds.SetCriterio
 Usage:
     model = build_model("convnext_large")            # or "rn50", "rn101", "tiny"; pretrained=None for random init
     pred = model.predict(images_uint8_bchw)          # int64 (B, H, W) train ids
+    build_model("convnext_large", backbone="dinov2_l", tuning="rein")  # beyond the paper: a ViT (backbones.py)
 """
 import math
 import os
@@ -62,12 +63,29 @@ class ModelConfig:
     oversample_ratio: float = 3.0  # official MASK_FORMER.OVERSAMPLE_RATIO
     importance_sample_ratio: float = 0.75  # official MASK_FORMER.IMPORTANCE_SAMPLE_RATIO
     deep_supervision: bool = True  # official MASK_FORMER.DEEP_SUPERVISION
+    # beyond the paper (issue 19): a ViT from backbones.py instead of CLIP, frozen or tuned (Rein-style / LoRA)
+    backbone: str = "clip"  # "clip": open_clip `clip_model` (official); else a backbones.BACKBONES name (dinov2_l, ...)
+    tuning: str = "frozen"  # ViT backbones: frozen | rein | lora (only the adapter trains)
+    rein_rank: int = 16  # Rein: rank of each layer's tokens (its token count is num_queries: they are the queries)
+    lora_rank: int = 16  # LoRA rank r
+    lora_alpha: float = 16.0  # LoRA scaling alpha / r
+    lora_targets: str = "qkv"  # qkv | attn (qkv + attn.proj) | all (every Linear of the blocks)
 
     def __post_init__(self):
         if self.classifier not in ("linear", "text"):
             raise ValueError(f"classifier must be 'linear' or 'text', got {self.classifier!r}")
+        if self.tuning not in ("frozen", "rein", "lora"):
+            raise ValueError(f"tuning must be 'frozen', 'rein' or 'lora', got {self.tuning!r}")
+        if self.backbone == "clip" and self.tuning != "frozen":
+            raise ValueError(f"tuning {self.tuning!r} adapts a ViT backbone: pick one with backbone='dinov2_l' (or "
+                             f"another backbones.BACKBONES name); the CLIP backbone is frozen or fully trained")
+        if self.tuning != "frozen" and self.train_backbone:
+            raise ValueError(f"train_backbone trains every backbone weight and tuning {self.tuning!r} only an "
+                             f"adapter: choose one")
+        if self.backbone != "clip" and self.classifier == "text":
+            raise ValueError("classifier 'text' needs the CLIP text tower: use backbone='clip'")
         for name in ("hidden_dim", "enc_layers", "enc_heads", "enc_points", "dec_layers", "dec_heads", "num_queries",
-                     "num_classes", "train_num_points"):
+                     "num_classes", "train_num_points", "rein_rank", "lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.hidden_dim % 32 or self.hidden_dim % self.enc_heads or self.hidden_dim % self.dec_heads:
@@ -484,15 +502,16 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         m = m.repeat_interleave(self.heads, dim=0)  # (B*nH, Q, h*w), batch-major as nn.MultiheadAttention expects
         return logits, masks, m
 
-    def forward(self, features, mask_features):
-        # features: 3 x (B, C, h_l, w_l) at strides 32, 16, 8; mask_features (B, C, H/4, W/4)
+    def forward(self, features, mask_features, queries=None):
+        # features: 3 x (B, C, h_l, w_l) at strides 32, 16, 8; mask_features (B, C, H/4, W/4); queries (B, Q, C): the
+        # backbone's content queries (Rein tokens, issue 19) in place of query_feat
         B = mask_features.shape[0]
         sizes = [f.shape[-2:] for f in features]
         src = [f.flatten(2).transpose(1, 2) + self.level_embed.weight[i] for i, f in enumerate(features)]  # (B,hw,C)
         pos = [position_embedding_sine(h, w, f.shape[1] // 2, f.device).flatten(1).t()[None]
                for (h, w), f in zip(sizes, features)]  # (1, hw, C)
         query_pos = self.query_embed.weight[None].expand(B, -1, -1)  # (B, Q, C)
-        output = self.query_feat.weight[None].expand(B, -1, -1)
+        output = self.query_feat.weight[None].expand(B, -1, -1) if queries is None else queries
         logits, masks, attn_mask = self.predict_heads(output, mask_features, sizes[0])
         preds = [(logits, masks)]
         for i in range(len(self.transformer_cross_attention_layers)):
@@ -520,7 +539,7 @@ class CLOUDSHead(nn.Module):
 
     def forward(self, features):
         mask_features, multi_scale = self.pixel_decoder(features)
-        return self.predictor(multi_scale, mask_features)
+        return self.predictor(multi_scale, mask_features, features.get("queries"))
 
 
 # ---- inference ----
@@ -539,12 +558,20 @@ def semantic_inference(pred_logits, pred_masks, size):
 
 
 class CLOUDS(nn.Module):
-    """Frozen CLIP backbone + Mask2Former head (+ the criterion). Images are RGB 0..255, (B, 3, H, W)."""
+    """Frozen CLIP backbone (or a ViT of backbones.py) + Mask2Former head (+ the criterion). Images are RGB 0..255,
+    (B, 3, H, W)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.backbone = CLIPBackbone(cfg.clip_model, cfg.pretrained, cfg.train_backbone, cfg.backbone_bf16)
+        if cfg.backbone == "clip":
+            self.backbone = CLIPBackbone(cfg.clip_model, cfg.pretrained, cfg.train_backbone, cfg.backbone_bf16)
+        else:  # issue 19: a ViT (+ Rein / LoRA); lazy, so the default model copies with ops.py and criterion.py only
+            import backbones
+
+            self.backbone = backbones.ViTBackbone(
+                cfg.backbone, cfg.pretrained, cfg.tuning, cfg.train_backbone, cfg.backbone_bf16, cfg.num_queries,
+                cfg.hidden_dim, cfg.rein_rank, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
         class_head = None
         if cfg.classifier == "text":  # paper's classifier; every released config uses the linear one
             emb, syn_cls = text_embeddings(self.backbone.clip_model)
@@ -554,8 +581,9 @@ class CLOUDS(nn.Module):
         self.criterion = SetCriterion(cfg.num_classes, matcher, cfg.class_weight, cfg.mask_weight, cfg.dice_weight,
                                       cfg.no_object_weight, cfg.train_num_points, cfg.oversample_ratio,
                                       cfg.importance_sample_ratio, cfg.deep_supervision)
-        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
+        mean, std = getattr(self.backbone, "pixel_mean", PIXEL_MEAN), getattr(self.backbone, "pixel_std", PIXEL_STD)
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def normalize(self, images):
         if images.dim() != 4 or images.shape[1] != 3:
@@ -580,17 +608,20 @@ class CLOUDS(nn.Module):
         return self.criterion(self(images), targets, generator)
 
     @torch.no_grad()
-    def predict(self, images, head=None, return_scores=False):
+    def predict(self, images, head=None, return_scores=False, backbone_params=None):
         """Semantic prediction at the input size: int64 (B, H, W) (or float scores (B, C, H, W)) for any H, W.
 
         Normalizes, pads bottom/right to a multiple of 32 with 0 in normalized space (official), upsamples the masks
         to the padded size and crops. The official postprocess crops then resizes to the requested output size; we
-        always predict at the input resolution, so the crop is all that is needed.
+        always predict at the input resolution, so the crop is all that is needed. `backbone_params` ({name: tensor}
+        of the backbone) replace those parameters for this call: the EMA teacher's copy of a tuned adapter.
         """
         H, W = images.shape[-2:]
         x = self.normalize(images)
         x = F.pad(x, (0, -W % SIZE_DIVISIBILITY, 0, -H % SIZE_DIVISIBILITY))  # (B, 3, H', W')
-        out = (self.sem_seg_head if head is None else head)(self.backbone(x))
+        feats = self.backbone(x) if backbone_params is None else \
+            torch.func.functional_call(self.backbone, backbone_params, (x,))
+        out = (self.sem_seg_head if head is None else head)(feats)
         res = ops.masks_to_semantic(out["pred_logits"], out["pred_masks"], tuple(x.shape[-2:]),
                                     return_scores=return_scores)
         return res[..., :H, :W]
@@ -603,6 +634,8 @@ def build_model(preset="convnext_large", **overrides):
     """Build CLOUDS from a preset (`convnext_large`, `rn50`, `rn101`, `tiny`) with ModelConfig field overrides.
 
     `pretrained=None` builds a random-init backbone (tests, parameter counts); a local file path works offline.
+    `backbone="dinov2_l"` (backbones.BACKBONES) keeps the preset's head on a ViT; its `pretrained` defaults to the
+    registry's Hugging Face repo (read from the cache) instead of the preset's CLIP tag.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
@@ -610,7 +643,14 @@ def build_model(preset="convnext_large", **overrides):
     unknown = sorted(set(overrides) - set(valid))
     if unknown:
         raise ValueError(f"unknown ModelConfig field(s) {unknown}; valid fields: {', '.join(valid)}")
-    return CLOUDS(ModelConfig(**{**PRESETS[preset], **overrides}))
+    cfg = {**PRESETS[preset], **overrides}
+    if cfg.get("backbone", "clip") != "clip" and "pretrained" not in overrides:
+        import backbones  # lazy, as in CLOUDS.__init__
+
+        if cfg["backbone"] not in backbones.BACKBONES:
+            raise ValueError(f"unknown backbone {cfg['backbone']!r}; valid: clip, {', '.join(backbones.BACKBONES)}")
+        cfg["pretrained"] = backbones.BACKBONES[cfg["backbone"]].hub
+    return CLOUDS(ModelConfig(**cfg))
 
 
 def head_parameter_count(model):

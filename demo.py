@@ -75,7 +75,8 @@ def run_demo(cfg: TrainConfig) -> dict:
                f"{DEMO_ITERS['joint']} joint iterations at batch {DEMO['batch_size']}, crops {DEMO['crop_size']}; "
                f"{DEMO_NUM_GENERATED} toy generated images, p_gen 28.6%; EMA alpha {cfg.ema_alpha} every "
                f"{DEMO['ema_every']} iterations (official: every 100 of 40k); refinement min area {min_area} px; "
-               f"mIoU % on the first {DEMO['eval_max']} val images of each toy target).")
+               f"mIoU % on the first {DEMO['eval_max']} val images of each toy target, whole image at short side "
+               f"{DEMO['test_short_side']}).")
     md = markdown_table(table, caption)
     print(md)
     summary = {"table": table, "caption": caption, "seconds": {"data": round(t_data, 1), **timings,

@@ -2,6 +2,8 @@
 
 Protocol (§8.1): short side resized to 1024 (image bilinear, GT nearest), batch 1, one whole-image forward (the model
 pads to a multiple of 32 itself), no sliding window or test-time augmentation; metrics against the resized GT.
+`--eval-protocol slide` instead averages the class scores of --slide-window windows every --slide-stride pixels (the
+Rein / mmseg convention; issue 19); every printed or saved number names its protocol (protocol_name).
 Metrics are fractions in [0, 1] internally (dicts, JSON) and printed as percentages.
 
 Usage:
@@ -28,6 +30,7 @@ import data
 # ---- config ----
 
 TEST_DATASETS = tuple(d for d in data.DATASETS if d != "generated")
+PROTOCOLS = ("whole", "slide")  # CLOUDS (§8.1): whole image | Rein family: sliding windows
 
 
 @dataclass
@@ -47,6 +50,8 @@ class EvalConfig:
         "help": "--official: model preset (convnext_large, rn50, rn101, tiny); '' = inferred from the file"})
     clip_weights: str = field(default="", metadata={
         "help": "local open_clip weights, for a backbone the checkpoint does not hold"})
+    backbone_weights: str = field(default="", metadata={  # issue 19: the frozen ViT of a Rein / LoRA checkpoint
+        "help": "local weights of a ViT backbone the checkpoint does not hold (it holds only a Rein / LoRA adapter)"})
     pred_dir: str = field(default="", metadata={  # score saved predictions instead of a model
         "help": "score a folder of train-id PNGs <image stem>.png instead of a model (one --dataset)"})
     images: str = field(default="", metadata={  # the user's own images (no GT) -> --save-pred
@@ -56,6 +61,11 @@ class EvalConfig:
         "help": "dataset split; '' = the official one (val for the test sets)"})
     short_side: int = field(default=1024, metadata={  # official MapperTest ResizeShortestEdge(1024, max_size=inf)
         "help": "test-time short side in pixels (official 1024, ResizeShortestEdge)"})
+    eval_protocol: str = field(default="whole", metadata={  # official: whole image (§8.1)
+        "help": "whole: one forward per image (CLOUDS, official) | slide: --slide-window windows every --slide-stride "
+                "px, class scores averaged (Rein / mmseg)"})
+    slide_window: int = field(default=512, metadata={"help": "--eval-protocol slide: square window in px (Rein 512)"})
+    slide_stride: int = field(default=341, metadata={"help": "--eval-protocol slide: stride in px (Rein 341)"})
     save_pred: str = field(default="", metadata={
         "help": "write the predictions here: <dir>/<dataset>/<stem>.png and <stem>_color.png (with --images: "
                 "<dir>/<stem>.png, _color.png, _overlay.png)"})
@@ -92,6 +102,11 @@ class EvalConfig:
             problems.append("--preset is for --official checkpoints (ours store their config)")
         if self.short_side < 1:
             problems.append(f"--short-side must be >= 1, got {self.short_side}")
+        if self.eval_protocol not in PROTOCOLS:
+            problems.append(f"--eval-protocol must be one of {', '.join(PROTOCOLS)}, got {self.eval_protocol!r}")
+        if not 1 <= self.slide_stride <= self.slide_window:
+            problems.append(f"need 1 <= --slide-stride <= --slide-window (no gaps), got stride {self.slide_stride}, "
+                            f"window {self.slide_window}")
         if problems:
             raise ValueError(_problems(problems))
 
@@ -195,6 +210,9 @@ def format_table(results: dict, classes=data.CLASSES) -> str:
         lines.append(row(cls, [_iou_list(results[n])[c] for n in names]))
     lines.append(row("**mIoU**", [results[n]["mIoU"] for n in names]))
     lines.append(row("mIoU16", [results[n].get("mIoU16", math.nan) for n in names]))
+    protocols = sorted({results[n]["protocol"] for n in names if results[n].get("protocol")})
+    if protocols:  # issue 19: every reported number names its protocol
+        lines.append(f"\nprotocol: {'; '.join(protocols)}")
     return "\n".join(lines)
 
 
@@ -212,6 +230,8 @@ def to_json(results: dict) -> dict:
     for name, m in results.items():
         out[name] = {k: clean(v) for k, v in m.items() if isinstance(v, float)}
         out[name]["IoU"] = {c: clean(v) for c, v in zip(data.CLASSES, _iou_list(m))}
+        if m.get("protocol"):
+            out[name]["protocol"] = m["protocol"]
         if "conf" in m:
             out[name]["conf"] = torch.as_tensor(m["conf"]).tolist()
     return out
@@ -230,6 +250,47 @@ def write_json(obj, path) -> None:
 
 
 # ---- model evaluation (§8.1) ----
+
+
+def protocol_name(protocol="whole", short_side=1024, window=512, stride=341) -> str:
+    """The evaluation protocol, as printed beside every number: CLOUDS scores the whole image at short side 1024
+    (§8.1); the Rein family averages sliding windows (Rein: 512 windows, stride 341)."""
+    if protocol == "whole":
+        return f"whole image, short side {short_side}"
+    return f"slide {window}x{window} stride {stride}, short side {short_side}"
+
+
+def _window_starts(size, window, stride) -> list:
+    """Window offsets along one axis: every `stride` px, the last one flush with the end (mmseg's grid); one window
+    at 0 when it covers the axis."""
+    if size <= window:
+        return [0]
+    n = -(-(size - window) // stride) + 1  # ceil((size - window) / stride) + 1
+    return [min(i * stride, size - window) for i in range(n)]
+
+
+@torch.no_grad()
+def slide_predict(model, images, window=512, stride=341, return_scores=False):
+    """Sliding-window inference (the Rein / mmseg `slide` test mode): class scores of model.predict on every window
+    (square, `window` px, every `stride` px, the last flush with the border; a window larger than the image is the
+    image), summed and divided by the number of windows covering each pixel; argmax over classes.
+
+    Args:
+        model: has .predict(images, return_scores=True) -> float (B, C, h, w) for any h, w.
+        images: uint8 or float (B, 3, H, W) RGB 0..255.
+    Returns: int64 (B, H, W) labels, or the averaged float scores (B, C, H, W) with return_scores.
+    """
+    B, _, H, W = images.shape
+    total, count = None, torch.zeros(H, W, device=images.device)
+    for y in _window_starts(H, window, stride):
+        for x in _window_starts(W, window, stride):
+            s = model.predict(images[..., y:y + window, x:x + window], return_scores=True)  # (B, C, h, w)
+            if total is None:
+                total = s.new_zeros(B, s.shape[1], H, W)
+            total[..., y:y + window, x:x + window] += s
+            count[y:y + window, x:x + window] += 1
+    scores = total / count  # (B, C, H, W)
+    return scores if return_scores else scores.argmax(1)
 
 def _dist_info():
     dist = torch.distributed
@@ -253,13 +314,15 @@ def save_prediction(pred, save_dir, name) -> None:
 
 
 @torch.inference_mode()
-def evaluate_model(model, dataset, device="cpu", progress: bool = True, save_dir=None, num_workers: int = 0) -> dict:
+def evaluate_model(model, dataset, device="cpu", progress: bool = True, save_dir=None, num_workers: int = 0,
+                   protocol: str = "whole", window: int = 512, stride: int = 341) -> dict:
     """Score `model.predict` on a dataset whose transform already resizes to the test size (data.TestTransform).
 
     Args:
         model: has .predict(images uint8 (1, 3, H, W)) -> int64 (1, H, W) train ids, .eval(), .to().
         dataset: data.SegDataset; each sample's label is the GT at the evaluated resolution.
         save_dir: when set, predictions are written there by save_prediction.
+        protocol: "whole" (one forward, §8.1) or "slide" (slide_predict with `window` and `stride`).
     Returns: compute_metrics(conf) plus "conf" (int64 (19, 19), summed over ranks when torch.distributed is up:
         rank r scores the indices r::world).
     """
@@ -276,7 +339,8 @@ def evaluate_model(model, dataset, device="cpu", progress: bool = True, save_dir
         for sample in tqdm(loader, total=len(indices), desc=desc, disable=not progress or rank > 0):
             label = sample["label"].to(device, non_blocking=True)
             image = sample["image"][None].to(device, non_blocking=True)
-            pred = model.predict(image)  # §8.1: batch 1, whole image, (1, H, W)
+            pred = model.predict(image) if protocol == "whole" else \
+                slide_predict(model, image, window, stride)  # §8.1: batch 1, whole image (or windows), (1, H, W)
             if tuple(pred.shape) != (1, *label.shape):
                 raise RuntimeError(f"model.predict returned {tuple(pred.shape)} for {sample['path']}; expected "
                                    f"(1, {label.shape[0]}, {label.shape[1]})")
@@ -299,7 +363,8 @@ def load_model(cfg: EvalConfig):
     import checkpoints  # lazy: the model (and its heavy imports) only for the model path
     import clouds
 
-    extra = {"pretrained": cfg.clip_weights} if cfg.clip_weights else {}
+    weights = cfg.clip_weights or cfg.backbone_weights
+    extra = {"pretrained": weights} if weights else {}
     if not cfg.official:
         return checkpoints.load_checkpoint(cfg.weights, **extra)[0]
     model = clouds.build_model(cfg.preset, **extra) if cfg.preset else None
@@ -451,7 +516,10 @@ def _run(argv) -> dict:
         for name in cfg.datasets:
             ds = data.build_dataset(name, cfg.data_root, cfg.split or None, data.TestTransform(cfg.short_side))
             save_dir = Path(cfg.save_pred) / name if cfg.save_pred else None
-            results[name] = evaluate_model(model, ds, device, cfg.progress, save_dir, cfg.workers)
+            results[name] = evaluate_model(model, ds, device, cfg.progress, save_dir, cfg.workers,
+                                           cfg.eval_protocol, cfg.slide_window, cfg.slide_stride)
+            results[name]["protocol"] = protocol_name(cfg.eval_protocol, cfg.short_side, cfg.slide_window,
+                                                      cfg.slide_stride)
     if rank == 0:
         print(format_table(results))
         if cfg.out:

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+import backbones
 import clouds
 import data
 import refine
@@ -22,7 +23,8 @@ import runs
 RUN_FILES = ("config.json", "last.pt", "metrics.jsonl")
 # Fields that change the optimization: --resume refuses a change of any of them without --allow-config-change. Paths
 # are not compared (a moved dataset is the same data; its size is); nor is the number of ranks (StreamSampler).
-OPTIM_FIELDS = ("source", "phase", "preset", "train_backbone", "backbone_bf16", "classifier",
+OPTIM_FIELDS = ("source", "phase", "preset", "train_backbone", "backbone_bf16", "classifier", "backbone", "tuning",
+                "rein_rank", "lora_rank", "lora_alpha", "lora_targets",
                 "iters_warmup", "iters_joint", "lr", "schedule", "poly_power", "batch_size", "weight_decay",
                 "weight_decay_norm", "weight_decay_embed", "backbone_multiplier", "clip_grad", "crop_size",
                 "scale_min", "scale_max", "target_factor", "source_factor", "p_gen", "n_source", "n_generated",
@@ -43,9 +45,31 @@ def _dataset_problem(name, root, split, what, fix) -> tuple:
         return f"{what}: {e}\n{fix}", 0
 
 
+def vit_problems(cfg) -> list:
+    """The weights of a ViT --backbone (issue 19): --backbone-weights FILE, or the registry's Hugging Face repo in the
+    cache (checked offline; nothing is downloaded). The problem names the `hf download` line and the flag."""
+    spec = backbones.BACKBONES[cfg.backbone]
+    if cfg.backbone_weights:
+        if Path(cfg.backbone_weights).is_file():
+            return []
+        return [f"--backbone-weights {cfg.backbone_weights} does not exist: pass the {spec.what} weights file "
+                f"({spec.files[0]}), or drop --backbone-weights to use the Hugging Face cache"]
+    if spec.hub is None:  # a random-init test backbone: nothing to load
+        return []
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if any(isinstance(try_to_load_from_cache(spec.hub, f), str) for f in spec.files):
+        return []
+    return [f"{spec.what} weights of --backbone {cfg.backbone} (timm {spec.timm_name}) are not in the Hugging Face "
+            f"cache {constants.HF_HUB_CACHE}: " + backbones.download_hint(cfg.backbone)]
+
+
 def clip_problems(cfg) -> list:
     """The CLIP weights build_model will read: --clip-weights FILE, or the preset's open_clip tag in the Hugging Face
-    cache (checked offline with huggingface_hub.try_to_load_from_cache; nothing is downloaded)."""
+    cache (checked offline with huggingface_hub.try_to_load_from_cache; nothing is downloaded). A ViT --backbone
+    needs its own weights instead (vit_problems)."""
+    if getattr(cfg, "backbone", "clip") != "clip":
+        return vit_problems(cfg)
     if cfg.clip_weights:
         if Path(cfg.clip_weights).is_file():
             return []
@@ -70,7 +94,12 @@ def clip_problems(cfg) -> list:
 
 def run_warnings(cfg) -> list:
     mc = clouds.ModelConfig(**clouds.PRESETS[cfg.preset])
-    if mc.pretrained is None and not cfg.clip_weights and not cfg.train_backbone:
+    random_init = mc.pretrained is None and not cfg.clip_weights if cfg.backbone == "clip" else \
+        backbones.BACKBONES[cfg.backbone].hub is None and not cfg.backbone_weights
+    if random_init and cfg.backbone != "clip" and not cfg.train_backbone and cfg.tuning == "frozen":
+        return [f"warning: --backbone {cfg.backbone} is a RANDOM-INIT ViT and it stays frozen (--tuning frozen): the "
+                f"head trains on random features. Pass --tuning rein|lora or --train-backbone."]
+    if random_init and cfg.backbone == "clip" and not cfg.train_backbone:
         return [f"warning: --preset {cfg.preset} has a RANDOM-INIT CLIP backbone and it stays frozen "
                 f"(--no-train-backbone): the head trains on random features (lr {cfg.lr}). Pass --train-backbone, "
                 f"or --recipe toy for the ToyCity settings."]

@@ -134,9 +134,7 @@ def load_weights(model, path):
     if isinstance(ckpt, dict) and ckpt.get("version") == 1 and "model" in ckpt:
         state = ckpt["model"]
         model.sem_seg_head.load_state_dict({k[13:]: v for k, v in state.items() if k.startswith("sem_seg_head.")})
-        backbone = {k[20:]: v for k, v in state.items() if k.startswith("backbone.clip_model.")}
-        if backbone:
-            model.backbone.clip_model.load_state_dict(backbone)
+        checkpoints.load_backbone_state(model, state, str(path))  # CLIP: backbone.clip_model.*; ViT: + adapter
         return ckpt
     checkpoints.load_official(path, model)
     return None
@@ -420,13 +418,18 @@ def build_eval_sets(cfg) -> dict:
     return sets
 
 
-def evaluate_sets(model, sets, device, progress, workers=0) -> dict:
-    """{set: {"mIoU", "mIoU16", "mAcc", "aAcc"}} (fractions); every rank must call it (confusions are summed).
-    `workers` DataLoader processes read and resize the images (--workers), off the training process."""
+def evaluate_sets(model, sets, device, progress, workers=0, cfg=None) -> dict:
+    """{set: {"mIoU", "mIoU16", "mAcc", "aAcc", "protocol"}} (fractions); every rank must call it (confusions are
+    summed). `workers` DataLoader processes read and resize the images (--workers), off the training process. `cfg`
+    (TrainConfig) gives --eval-protocol, --slide-window/--slide-stride and --test-short-side (default: whole image)."""
+    protocol, window, stride, short = ("whole", 512, 341, 1024) if cfg is None else \
+        (cfg.eval_protocol, cfg.slide_window, cfg.slide_stride, cfg.test_short_side)
     out = {}
     for name, ds in sets.items():
-        m = evaluate.evaluate_model(model, ds, device=device, progress=progress, num_workers=workers)
+        m = evaluate.evaluate_model(model, ds, device=device, progress=progress, num_workers=workers,
+                                    protocol=protocol, window=window, stride=stride)
         out[name] = {k: m[k] for k in ("mIoU", "mIoU16", "mAcc", "aAcc")}
+        out[name]["protocol"] = evaluate.protocol_name(protocol, short, window, stride)
         out[name]["IoU"] = {c: None if math.isnan(v) else v for c, v in zip(data.CLASSES, m["IoU"].tolist())}
     return out
 
@@ -461,10 +464,13 @@ def after_iteration(state, env, inputs, log, say, stop, done, max_iter, paths) -
     cfg, phase, main_rank, results = state.cfg, state.phase, env.rank == 0, None
     if cfg.eval_every and (done % cfg.eval_every == 0 or done == max_iter):
         results = evaluate_sets(state.model, inputs["eval_sets"], env.device, cfg.progress and main_rank,
-                                     cfg.workers)
+                                cfg.workers, cfg)
         log.write({"phase": phase, "iter": done, "eval": results})
         if main_rank:
-            say(f"[{phase} {done}] " + ", ".join(f"{n} {100 * m['mIoU']:.2f}" for n, m in results.items()))
+            described = evaluate.protocol_name(cfg.eval_protocol, cfg.test_short_side, cfg.slide_window,
+                                               cfg.slide_stride)
+            say(f"[{phase} {done}] " + ", ".join(f"{n} {100 * m['mIoU']:.2f}" for n, m in results.items())
+                + f" mIoU ({described})")
     stopping = should_stop(stop, env)
     if done % cfg.save_every == 0 or done % cfg.ckpt_every == 0 or done == max_iter or stopping:
         if main_rank:

@@ -12,6 +12,7 @@ Usage:
     python train.py --recipe toy --synthetic datasets_toy/generated --out runs/toy  # the same code path on ToyCity
     torchrun --nproc_per_node 2 train.py --source gta ...     # DDP; --batch-size is the total over the ranks
     python train.py --demo                                      # offline CPU ablation on ToyCity (demo.py, < 10 min)
+    python train.py --source gta --synthetic DIR --backbone dinov2_l --tuning rein   # beyond the paper (backbones.py)
 """
 import argparse
 import copy
@@ -37,7 +38,8 @@ import runs
 from runs import Interrupted, Problems, TrainError
 from train_config import (  # noqa: F401  (re-exported: train.TrainConfig, train.SOURCES, ...)
     SourcePreset, SOURCES, PHASES, SAMS, SCHEDULES, EVAL_SETS, DEMO_ROOT, DEMO_TARGETS, DEMO,
-    DEMO_ITERS, TOY_MIN_AREA, RECIPES, _field, TrainConfig, CHOICES, build_parser, parse_args, parse_config)
+    DEMO_ITERS, TOY_MIN_AREA, RECIPES, _field, TrainConfig, CHOICES, build_parser, parse_args, parse_config,
+    BACKBONE_CHOICES, PROTOCOLS)
 
 
 # ---- data: a stream of mixed samples, a pure function of (seed, k) ----
@@ -118,7 +120,8 @@ def param_groups(modules: dict, cfg: TrainConfig, lr: float) -> list:
     """AdamW groups as detectron2/Mask2Former build them (reference §1.5): weight decay 0 for every parameter of a
     normalization layer and of an nn.Embedding (query_feat, query_embed, the decoder level_embed), 0.05 otherwise
     (the MSDeformAttn encoder level_embed is an nn.Parameter, so it decays); backbone parameters get
-    lr * backbone_multiplier. `modules` maps a name ("head", "backbone") to a module; frozen parameters are skipped."""
+    lr * backbone_multiplier. `modules` maps a name ("head", "backbone", "adapter") to a module; frozen parameters are
+    skipped; an "adapter" (Rein / LoRA, issue 19; ours) trains at the head's lr."""
     groups, seen = {}, set()
     for name, root in modules.items():
         mult = cfg.backbone_multiplier if name == "backbone" else 1.0
@@ -150,6 +153,30 @@ class LRSchedule:
         return max(1.0 - it / max(self.max_iter, 1), 0.0) ** self.power
 
 
+class EMASource(nn.Module):
+    """What the Sec. 3.3 EMA teacher averages when a ViT backbone tunes (issue 19, --tuning rein|lora): the head and
+    the tuned backbone parameters (the student's own tensors, not copies). The frozen ViT weights are not in it: the
+    teacher (a deepcopy of this module) runs the shared backbone with its copies of the tuned parameters substituted
+    (CLOUDS.predict(backbone_params=...)), so the ~300M frozen weights are never duplicated."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.head = model.sem_seg_head
+        tuned = [(n, p) for n, p in model.backbone.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in tuned]
+        self.tuned = nn.ParameterList([p for _, p in tuned])
+
+    def backbone_params(self) -> dict:
+        return dict(zip(self.names, self.tuned))
+
+
+def teacher_inputs(teacher) -> dict:
+    """CLOUDS.predict keyword arguments that run the EMA teacher: its head (+ its tuned backbone parameters)."""
+    if isinstance(teacher, EMASource):
+        return {"head": teacher.head, "backbone_params": teacher.backbone_params()}
+    return {"head": teacher}
+
+
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, alpha: float):
     """theta_t <- alpha * theta_t + (1 - alpha) * theta_s on parameters (official: no BN buffers; copied here)."""
@@ -173,8 +200,9 @@ def teacher_step(teacher: nn.Module, student: nn.Module, it: int, alpha: float, 
 
 
 class _Student(nn.Module):
-    """The trainable part: the head (plus the backbone when it trains). `forward` runs the full model with this head.
-    Only this module goes into DistributedDataParallel; the frozen backbone, the EMA teacher and SAM never do."""
+    """The trainable part: the head (plus the backbone when it trains or tunes an adapter: then only the adapter
+    requires grad). `forward` runs the full model with this head. Only this module goes into DistributedDataParallel;
+    a frozen backbone, the EMA teacher and SAM never do."""
 
     def __init__(self, model, train_backbone: bool):
         super().__init__()
@@ -215,7 +243,7 @@ class RunState:
     phase: str                                   # "warmup" | "joint"
     model: nn.Module                             # the full clouds.CLOUDS (shared backbone + student head)
     student: nn.Module                           # _Student (DistributedDataParallel when world > 1)
-    teacher: Optional[nn.Module]                 # Sec. 3.3 EMA copy of the head; None in the warmup
+    teacher: Optional[nn.Module]                 # Sec. 3.3 EMA copy of the head (EMASource copy); None in warmup
     params: list                                 # the trainable parameters, clipped together (official full_model)
     optimizer: torch.optim.Optimizer             # AdamW (param_groups)
     scheduler: torch.optim.lr_scheduler.LambdaLR  # LRSchedule
@@ -228,6 +256,7 @@ class RunState:
     last: Path                                   # OUT/last.pt of this phase
     saved: Optional[int] = None                  # iteration of the latest last.pt of this phase; None: not written
     records: Optional[list] = None               # the 4 latest (image, teacher, refined) labels for the PNG
+    ema_source: Optional[nn.Module] = None       # what the teacher averages: None = the head; EMASource (--tuning)
 
 
 # ---- one training iteration ----
@@ -244,7 +273,7 @@ def pseudo_targets(model, teacher, samples, predictor, refine_cfg, device, keep_
     """
     t0 = _sync(device, profile)
     images = pad_batch([s["image"].to(device, non_blocking=True) for s in samples], 0)  # (G, 3, H, W) on the device
-    labels = model.predict(images, head=teacher)  # (G, H, W) int64, stays on the device
+    labels = model.predict(images, **teacher_inputs(teacher))  # (G, H, W) int64, stays on the device
     t1 = _sync(device, profile)
     targets, records = [], []
     for s, image, label in zip(samples, images, labels):
@@ -365,7 +394,8 @@ def build_state(cfg, phase, model, env, inputs, last, max_iter) -> RunState:
     phase, the EMA teacher and SAM: the RunState of a fresh phase (runs.restore_state loads last.pt into it)."""
     joint = phase == "joint"
     model.train()
-    student = _Student(model, cfg.train_backbone).to(env.device)
+    tunes = cfg.tuning != "frozen"  # issue 19: a Rein / LoRA adapter in the backbone trains
+    student = _Student(model, cfg.train_backbone or tunes).to(env.device)
     unused = freeze_unused(student, env.device)
     if unused and env.rank == 0:  # frozen from then on, so printed once
         print(f"[train] {len(unused)} trainable tensors are never used by the forward pass and stay frozen "
@@ -378,16 +408,18 @@ def build_state(cfg, phase, model, env, inputs, last, max_iter) -> RunState:
         student = nn.parallel.DistributedDataParallel(
             student, device_ids=[env.device.index] if env.device.type == "cuda" else None,
             find_unused_parameters=False)
-    modules = {"head": model.sem_seg_head, **({"backbone": model.backbone} if cfg.train_backbone else {})}
+    modules = {"head": model.sem_seg_head, **({"backbone": model.backbone} if cfg.train_backbone else {}),
+               **({"adapter": model.backbone} if tunes else {})}
     optimizer = torch.optim.AdamW(param_groups(modules, cfg, cfg.lr), lr=cfg.lr)  # betas/eps: torch defaults
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule(cfg.schedule, max_iter, cfg.poly_power))
-    teacher = None
+    teacher = source = None
     if joint:  # Sec. 3.3: the EMA teacher copies the head only; the backbone is shared (frozen in the official code)
-        teacher = copy.deepcopy(model.sem_seg_head).requires_grad_(False).eval()
+        source = EMASource(model) if tunes else None  # a tuned adapter is averaged too (issue 19)
+        teacher = copy.deepcopy(model.sem_seg_head if source is None else source).requires_grad_(False).eval()
     return RunState(cfg=cfg, phase=phase, model=model, student=student, teacher=teacher, params=params,
                     optimizer=optimizer, scheduler=scheduler, device=env.device, rank=env.rank, world=env.world,
                     predictor=inputs["predictor"] if joint else None, refine_cfg=inputs["refine_cfg"],
-                    generator=torch.Generator(device=env.device), last=last)
+                    generator=torch.Generator(device=env.device), last=last, ema_source=source)
 
 
 def run_phase(cfg, phase, model, env, inputs, out_dir) -> dict:
@@ -440,7 +472,8 @@ def phase_loop(state, loader, env, inputs, log, say, start, max_iter, paths) -> 
         for it in bar:
             state.generator.manual_seed(_seed(cfg.seed, int(joint), env.rank, it))  # criterion points: f(iteration)
             if joint:  # official: EMA step at the start of the forward, from the student after the previous step
-                teacher_step(state.teacher, state.model.sem_seg_head, it, cfg.ema_alpha, cfg.ema_every)
+                source = state.model.sem_seg_head if state.ema_source is None else state.ema_source
+                teacher_step(state.teacher, source, it, cfg.ema_alpha, cfg.ema_every)
             t0 = time.perf_counter()
             batch = next(batches)
             # the LR of this iteration, logged with it (detectron2: before the step)
@@ -494,9 +527,12 @@ def train(cfg: TrainConfig, notes=()) -> dict:
         inputs = prepare_inputs(cfg, env)
         inputs.update(say=say)
         torch.manual_seed(cfg.seed)  # identical random init on every rank (DDP also broadcasts rank 0's weights)
-        overrides = {"pretrained": cfg.clip_weights} if cfg.clip_weights else {}
+        weights = cfg.clip_weights or cfg.backbone_weights
+        overrides = {"pretrained": weights} if weights else {}
         model = clouds.build_model(cfg.preset, train_backbone=cfg.train_backbone, backbone_bf16=cfg.backbone_bf16,
-                                   classifier=cfg.classifier, **overrides)
+                                   classifier=cfg.classifier, backbone=cfg.backbone, tuning=cfg.tuning,
+                                   rein_rank=cfg.rein_rank, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                                   lora_targets=cfg.lora_targets, **overrides)
         if cfg.weights:
             runs.load_weights(model, cfg.weights)
         model.to(env.device)

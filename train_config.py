@@ -8,6 +8,7 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Optional
 
+import backbones
 import clouds
 import data
 import refine
@@ -39,6 +40,8 @@ SOURCES = {
 PHASES = ("warmup", "joint", "all")
 SAMS = ("vit_t", "vit_h", "vit_l", "vit_b", "toy", "none")
 SCHEDULES = ("constant", "poly")
+BACKBONE_CHOICES = ("clip", *backbones.BACKBONES)  # clip: the --preset's open_clip model (official)
+PROTOCOLS = ("whole", "slide")  # evaluation: CLOUDS' whole image | the Rein family's sliding windows
 EVAL_SETS = tuple(n for n in data.DATASETS if n != "generated")
 
 # The toy recipe: one source of truth for `--recipe toy` and `--demo`. Toy scale: ToyCity GTA is 263x478 (real / 4);
@@ -80,6 +83,17 @@ class TrainConfig:
     train_backbone: bool = _field(False, "official: frozen CLIP; True only for the random-init `tiny` preset")
     backbone_bf16: bool = _field(False, "bf16 autocast for the frozen backbone (reference §12; official fp32)")
     classifier: str = _field("linear", 'official decoder: Linear(256, 20); "text": the paper\'s CLIP text classifier')
+    # beyond the paper (issue 19): the preset's head on a ViT, frozen or with a Rein-style adapter / LoRA
+    backbone: str = _field("clip", "clip: the --preset's open_clip model (official) | dinov2_l | dinov2_l_reg4 | "
+                                   "eva02_l | eva02_l_clip (ViT-L at patch 16; *_tiny: random-init tests)")
+    tuning: str = _field("frozen", "ViT --backbone: frozen | rein (Rein-style adapter, its tokens are the queries) | "
+                                   "lora (only the adapter trains, lr x 1)")
+    backbone_weights: str = _field("", 'local weights file of --backbone (timm\'s model.safetensors, or open_clip\'s '
+                                       'file for eva02_l_clip); "" = the Hugging Face cache')
+    rein_rank: int = _field(16, "Rein: rank of each layer's tokens (Rein: 16)")
+    lora_rank: int = _field(16, "LoRA rank r")
+    lora_alpha: float = _field(16.0, "LoRA alpha (the update is scaled by alpha / r)")
+    lora_targets: str = _field("qkv", "LoRA on: qkv | attn (qkv + attn.proj) | all (every Linear of the blocks)")
     # solver (reference §1.4-1.5)
     iters_warmup: Optional[int] = _field(None, "official MAX_ITER (gta 40k, synthia 30k, cityscapes 5k)")
     iters_joint: Optional[int] = _field(None, "official MAX_ITER (gta 40k, synthia 30k, cityscapes 10k)")
@@ -115,6 +129,10 @@ class TrainConfig:
     eval_sets: tuple[str, ...] = _field((), "official DATASETS.TEST; () = the source's test sets")
     eval_max: int = _field(0, "evaluate on the first N images of each set (0 = all)")
     test_short_side: int = _field(1024, "official MapperTest ResizeShortestEdge(1024)")
+    eval_protocol: str = _field("whole", "whole: one forward per image (CLOUDS, official) | slide: --slide-window "
+                                         "windows every --slide-stride px, scores averaged (Rein / mmseg)")
+    slide_window: int = _field(512, "--eval-protocol slide: square window in px (Rein: 512)")
+    slide_stride: int = _field(341, "--eval-protocol slide: stride in px (Rein: 341)")
     ckpt_every: Optional[int] = _field(None, "snapshots model_NNNNNNN.pt; official CHECKPOINT_PERIOD = 5 x EVAL_PERIOD")
     save_every: int = _field(1000, "OUT/last.pt every N iterations (also at the end and on Ctrl-C / SIGTERM)")
     log_every: int = _field(20, "official detectron2 PeriodicWriter period")
@@ -145,6 +163,25 @@ class TrainConfig:
         allowed("sam", self.sam, SAMS)
         allowed("classifier", self.classifier, ("linear", "text"))
         allowed("recipe", self.recipe, RECIPES)
+        allowed("backbone", self.backbone, BACKBONE_CHOICES)
+        allowed("tuning", self.tuning, backbones.TUNINGS)
+        allowed("lora target set", self.lora_targets, backbones.LORA_TARGETS)
+        allowed("evaluation protocol", self.eval_protocol, PROTOCOLS)
+        if self.tuning != "frozen" and self.backbone == "clip":
+            raise ValueError(f"--tuning {self.tuning} adapts a ViT: add --backbone "
+                             f"{'|'.join(b for b in BACKBONE_CHOICES if b != 'clip')}")
+        if self.tuning != "frozen" and self.train_backbone:
+            raise ValueError(f"--train-backbone trains every backbone weight and --tuning {self.tuning} only an "
+                             f"adapter: pass --no-train-backbone (--recipe toy turns it on)")
+        if self.backbone == "clip" and self.backbone_weights:
+            raise ValueError("--backbone-weights is the weights file of a ViT --backbone; the CLIP backbone's is "
+                             "--clip-weights")
+        if self.backbone != "clip" and self.clip_weights:
+            raise ValueError(f"--clip-weights is the open_clip file of the CLIP backbone; for --backbone "
+                             f"{self.backbone} pass --backbone-weights")
+        if not 1 <= self.slide_stride <= self.slide_window:
+            raise ValueError(f"need 1 <= --slide-stride <= --slide-window (no gaps between windows), got stride "
+                             f"{self.slide_stride}, window {self.slide_window}")
         preset = SOURCES[self.source]
         for name in ("iters_warmup", "iters_joint", "lr", "schedule", "eval_every", "target_factor"):
             if getattr(self, name) is None:
@@ -159,7 +196,7 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         for name in ("batch_size", "crop_size", "ema_every", "ckpt_every", "save_every", "log_every",
-                     "test_short_side"):
+                     "test_short_side", "rein_rank", "lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not (self.lr > 0 and 0 <= self.ema_alpha <= 1 and 0 < self.scale_min <= self.scale_max):
@@ -173,7 +210,8 @@ class TrainConfig:
 
 CHOICES = {"source": SOURCES, "phase": PHASES, "preset": clouds.PRESETS, "sam": SAMS, "schedule": SCHEDULES,
            "classifier": ("linear", "text"), "sam_mode": ("random", "interior"), "sam_uncovered": ("drop", "ignore"),
-           "recipe": RECIPES, "eval_sets": EVAL_SETS}
+           "recipe": RECIPES, "eval_sets": EVAL_SETS, "backbone": BACKBONE_CHOICES, "tuning": backbones.TUNINGS,
+           "lora_targets": backbones.LORA_TARGETS, "eval_protocol": PROTOCOLS}
 
 
 def build_parser(explicit_only: bool = False) -> argparse.ArgumentParser:

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# One-command GPU check (issue 11 "Real scale"): on one H100/H200 it finishes within 8 minutes and writes
+# One-command GPU check (issue 11 "Real scale"): on one H100/H200 it finishes within 10 minutes and writes
 # gpu_report.md with, per step, OK or FAILED (exit code or timeout), its seconds and the tail of its output:
 #   1. the CUDA op tests (tests/test_ops.py and tests/test_real_scale.py, CUDA cases)
 #   2. bench/bench_ops.py --device cuda
 #   3. bench/real_scale.py --device cuda (fp32 and the fast options: bf16 backbone, TF32)
 #   4. one SD2 UNet denoising step in fp16 (diffusers UNet2DConditionModel, random init, SD 2 768-v architecture)
 #   5. SAM vit_t and vit_h (random init) refinement of one 768x768 image through refine.pseudo_label_target
-# Every step runs under `timeout` (limits sum to 480 s); a failure is recorded and the script goes on. Imports are checked first.
+#   6. the ViT backbones of backbones.py beside ConvNeXt-L, batch 8 x 768 (bench/bench_backbones.py, issue 19): one row
+#      per backbone x tuning (frozen forward; Rein / LoRA forward + backward), seconds and peak memory
+# Every step runs under `timeout` (limits sum to 570 s); a failure is recorded and the script goes on. Imports are checked first.
 #
 # Usage:
 #   bash bench/gpu_check.sh                        # on the GPU machine; PYTHON=/path/to/python to override
@@ -24,7 +26,7 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY=1 ;;
     --report) REPORT=$2; shift ;;
     --work) WORK=$2; shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (expected --dry-run, --report FILE, --work DIR)" >&2; exit 2 ;;
   esac
   shift
@@ -233,6 +235,15 @@ for name in ("vit_t", "vit_h"):
           f"{mem}; targets on {device}")
     del model, pred
 EOF
+
+# ---- 6. ViT backbones ----
+if [ $DRY = 1 ]; then  # tiny random-init stand-ins of the same timm classes, in-process
+  step "6. ViT backbones (batch 8 x 768)" 300 "$PYTHON" bench/bench_backbones.py --tiny --no-isolate --no-teacher \
+    --size 64 --batch 2 --repeats 1
+else
+  step "6. ViT backbones (batch 8 x 768)" 90 "$PYTHON" bench/bench_backbones.py --device cuda --batch 8 --size 768 \
+    --repeats 2 --no-isolate --no-teacher --backbones convnext_large dinov2_l eva02_l
+fi
 
 {
   echo

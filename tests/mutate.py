@@ -85,6 +85,28 @@ MUTATIONS = [
     ("clip_norm_ignored", "train.py",  # official CLIP_GRADIENTS full_model L2 0.01 (--clip-grad)
      "clip_grad_norm_(state.params, cfg.clip_grad)", "clip_grad_norm_(state.params, 10 * cfg.clip_grad)",
      (f"{WIRING}::test_gradients_are_clipped_at_clip_grad",)),
+    # ---- backbones.py: ViT backbones, Rein, LoRA (issue 19) ----
+    ("rein_softmax_over_patches", "backbones.py",  # each patch attends over the layer's m tokens
+     "attn = torch.softmax(f @ t.t() / math.sqrt(self.dim), dim=-1)",
+     "attn = torch.softmax(f @ t.t() / math.sqrt(self.dim), dim=1)", ("tests/test_backbones.py",)),
+    ("rein_refines_the_class_token", "backbones.py",  # Rein: class (and register) tokens excluded
+     "                    h = self.rein(h, i, self.prefix)", "                    h = self.rein(h, i, 0)",
+     ("tests/test_backbones.py",)),
+    ("feature_maps_keep_a_prefix_token", "backbones.py",  # the maps hold the patch tokens only
+     "maps.append(h[:, self.prefix:].transpose(1, 2)", "maps.append(h[:, self.prefix - 1:-1].transpose(1, 2)",
+     ("tests/test_backbones.py",)),
+    ("res5_nearest_not_mean", "backbones.py",  # Rein: x0.5 resize (bilinear = the 2x2 mean)
+     'mode="bilinear", align_corners=False)\n                 for i', 'mode="nearest")\n                 for i',
+     ("tests/test_backbones.py",)),
+    ("lora_scaling_dropped", "backbones.py",  # LoRA: alpha / r
+     "F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scaling", "F.linear(F.linear(x, self.lora_a), self.lora_b)",
+     ("tests/test_backbones.py",)),
+    ("teacher_ignores_the_adapter", "train.py",  # issue 19: the teacher averages its own copy of the adapter too
+     "source = EMASource(model) if tunes else None", "source = None",
+     ("tests/test_backbone_runs.py::test_teacher_holds_its_own_copy_of_the_adapter",)),
+    ("slide_counts_ignored", "evaluate.py",  # overlapping windows are averaged
+     "    scores = total / count  # (B, C, H, W)", "    scores = total  # (B, C, H, W)",
+     ("tests/test_eval_protocol.py",)),
 ]
 
 

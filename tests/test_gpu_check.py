@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("0. imports", "1. CUDA op tests", "2. bench_ops", "3. real_scale", "4. SD2 UNet step (fp16)",
-            "5. SAM refinement (vit_t, vit_h)", "Summary")
+            "5. SAM refinement (vit_t, vit_h)", "6. ViT backbones (batch 8 x 768)", "Summary")
 
 
 def test_gpu_check_dry_run_writes_every_section(tmp_path):
@@ -23,5 +23,6 @@ def test_gpu_check_dry_run_writes_every_section(tmp_path):
     assert "all steps OK" in text
     # each step printed its measurement
     assert "one denoising step, batch 2" in text and "vit_h (" in text and "| cpu | 2 | fast |" in text
+    assert "| dinov2_l/rein [dinov2_tiny] |" in text and "| eva02_l/lora [eva02_tiny] |" in text
     bad = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--bogus"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--dry-run" in bad.stderr

@@ -218,11 +218,9 @@ def save_checkpoint(path, model, **extra):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            os.fchmod(fd, file_mode())
-        finally:
-            os.close(fd)
-        torch.save(obj, tmp)
+        with os.fdopen(fd, "wb") as f:  # our file object: closed on an error too (torch's own writer keeps a
+            os.fchmod(fd, file_mode())   # failed file open while the exception lives, so its space is not freed)
+            torch.save(obj, f)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save: RuntimeError "unexpected pos ..." on a full disk
         partial = os.path.getsize(tmp) if tmp is not None and os.path.exists(tmp) else 0

@@ -203,7 +203,7 @@ def check_images(cfg, split, p_gen: float) -> tuple:
     bad, modes, done, t0 = [], {}, 0, time.perf_counter()
     bar = tqdm(total=len(items), desc="check images", disable=not cfg.progress, leave=False)
     for i in order:
-        if budget is not None and time.perf_counter() - t0 > budget:
+        if budget is not None and done and time.perf_counter() - t0 > budget:  # at least one file
             break
         kind, image, label = items[i]
         result = _check_item(kind, image, label)

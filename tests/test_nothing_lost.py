@@ -251,7 +251,7 @@ def _modes(tmp_path):
 def test_every_image_mode_is_converted_or_rejected(tmp_path, reader):
     """Case 4: a 16-bit greyscale PNG read as all white. data.read_image (training, the generated folder, evaluate's
     own images) and refine.py's copy read each mode against an independent expectation, or reject it by name."""
-    read, error = (data.read_image, data.DataError) if reader == "data" else (refine._read_image, ValueError)
+    read, error = (data.read_image, RuntimeError) if reader == "data" else (refine._read_image, ValueError)
     for name, (path, expected) in _modes(tmp_path).items():
         if expected is None:
             with pytest.raises(error, match=f"image {path} has"):
@@ -287,6 +287,26 @@ def test_16bit_images_in_training_and_inference(tmp_path, capsys):
     evaluate.predict_images(spy, [gen / "im_0_p0.png"], tmp_path / "pred", short_side=12, progress=False)
     assert torch.equal(spy.seen[0][0], torch.from_numpy(files["grey16"][1]).permute(2, 0, 1))
     assert "read 1 image(s) as 16-bit greyscale (I;16), scaled to 8 bits" in capsys.readouterr().out
+
+
+def test_refine_cli_reads_16bit_images(tmp_path, monkeypatch):
+    """refine.py (its own reader: it copies on its own) hands SAM the grey image, not a white one."""
+    files = _modes(tmp_path)
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    shutil.copy(files["grey16"][0], images / "g.png")
+    data.save_png(np.zeros((12, 16), np.uint8), labels / "g.png")
+    seen = []
+
+    def spy(image, label, predictor, cfg, generator):
+        seen.append(np.array(image))
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, *label.shape, dtype=torch.bool), False
+
+    monkeypatch.setattr(refine, "_refine", spy)
+    refine.main(["--images", str(images), "--labels", str(labels), "--out", str(tmp_path / "out"), "--sam", "toy",
+                 "--no-progress"])
+    assert np.array_equal(seen[0], files["grey16"][1])
 
 
 def test_16bit_labels(tmp_path):
@@ -377,7 +397,8 @@ def test_disk_full_during_a_checkpoint_save(toy_root, tmp_path, monkeypatch, cap
         calls.append(f)
         if len(calls) == 1:
             return real_save(obj, f, *args, **kwargs)
-        f.write(b"PK\x03\x04" + bytes(4000))  # what fitted on the disk (f: the open temp file)
+        partial = b"PK\x03\x04" + bytes(4000)  # what fitted on the disk
+        f.write(partial) if hasattr(f, "write") else Path(f).write_bytes(partial)  # a file object or a path
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 3038400 vs 3038288")
 
     usage = collections.namedtuple("usage", "total used free")

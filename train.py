@@ -555,13 +555,15 @@ def train(cfg: TrainConfig, notes=()) -> dict:
 
 def done_message(cfg, out: Path, results: dict) -> str:
     """The last line of a run: where its files are, and the command that evaluates the final model."""
-    files = ("model_final.pt (the trained model), last.pt (for --resume), metrics.jsonl"
-             + (", curves.png" if cfg.plots else "") + (", pseudo_labels.png" if cfg.plots and "joint" in results
-                                                       and results["joint"]["p_gen"] > 0 else ""))
-    where = (f"{', '.join(f'{out / ph}/' for ph in results)} hold " if cfg.phase == "all" else f"{out}/ holds ")
+    what = {"model_final": "model_final.pt (the trained model)", "last": "last.pt (for --resume)",
+            "metrics": "metrics.jsonl", "curves": "curves.png", "pseudo_labels": "pseudo_labels.png"}
+    present = {k for r in results.values() for k in what if k in r and Path(r[k]).is_file()}
+    files = ", ".join(v for k, v in what.items() if k in present)
+    where = (f"{out}/ holds config.json and log.txt; " + " and ".join(f"{out / ph}/" for ph in results)
+             + f" hold {files}") if cfg.phase == "all" else f"{out}/ holds config.json, log.txt, {files}"
     final = Path(results[list(results)[-1]]["model_final"])
     short = f" --short-side {cfg.test_short_side}" if cfg.test_short_side != 1024 else ""
-    return (f"[train] done: {out}/ holds config.json and log.txt; {where}{files}. Evaluate the final model with\n"
+    return (f"[train] done: {where}. Evaluate the final model with\n"
             f"  python evaluate.py --weights {final} --datasets {' '.join(cfg.eval_sets)} --data-root "
             f"{cfg.data_root}{short}")
 

@@ -355,7 +355,8 @@ def test_check_images_samples_within_its_budget(toy_root, monkeypatch):
     monkeypatch.setattr(preflight, "CHECK_MIN_SECONDS", 0.0)
     monkeypatch.setattr(preflight, "CHECK_SHARE", 0.0)
     problems, notes = preflight.check_images(cfg, None, 0.0)
-    assert problems == [] and notes[0].startswith("checked a random 1 of 3 (what fits in 1% of the run's")
+    assert problems == [] and notes[0].startswith("checked a random 1 of 3 input files (source labels and image "
+                                                  "headers) in ") and "--check-images opens them all" in notes[0]
     cfg = train.parse_config(warmup_args(toy_root, "unused", "--check-images"))
     assert preflight.check_images(cfg, None, 0.0)[1][0].startswith("checked all 3 input files")
 
@@ -505,8 +506,8 @@ def test_files_get_the_mode_of_logs_and_the_run_ends_with_done(finished, toy_roo
     for name in ("config.json", "last.pt", "model_final.pt", "log.txt", "metrics.jsonl"):
         assert (out / name).stat().st_mode & 0o777 == 0o640, name  # made under umask 027
     last = printed.strip().splitlines()
-    assert last[-2] == (f"[train] done: {out}/ holds config.json and log.txt; {out}/ holds model_final.pt (the "
-                        f"trained model), last.pt (for --resume), metrics.jsonl. Evaluate the final model with")
+    assert last[-2] == (f"[train] done: {out}/ holds config.json, log.txt, model_final.pt (the trained model), "
+                        f"last.pt (for --resume), metrics.jsonl. Evaluate the final model with")
     assert last[-1] == (f"  python evaluate.py --weights {out / 'model_final.pt'} --datasets cityscapes bdd mapillary "
                         f"--data-root {toy_root} --short-side 64")
     old = os.umask(0o027)

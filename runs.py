@@ -381,25 +381,24 @@ def check_outputs(state, outputs, it):
                          + ", or check the input images; then rerun with --resume.")
 
 
-def os_error_message(e: OSError) -> str:
-    """One line for an OSError: the cause, the file and, on a full disk, the free space there."""
+def os_error_message(e: OSError, out=None) -> str:
+    """One line for an OSError: the cause, the file and, on a full disk, the free space there; a hint about --out when
+    the file is in it."""
     if isinstance(e, checkpoints.WriteError) or not e.strerror:
         return str(e)
     msg = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
-    if e.errno == errno.ENOSPC and e.filename:
+    folder = Path(e.filename).parent if e.filename else None
+    if e.errno == errno.ENOSPC and folder is not None:
+        import shutil
+
         try:
-            msg += f" ({shutil_free(Path(e.filename).parent)} free there); free some space"
+            msg += f" ({shutil.disk_usage(folder).free / 2 ** 20:,.1f} MB free there); free some space"
         except OSError:
             pass
-    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and out and folder is not None and (
+            Path(out).resolve() in (folder.resolve(), *folder.resolve().parents)):
         msg += "; pass a writable --out"
     return msg
-
-
-def shutil_free(folder) -> str:
-    import shutil
-
-    return f"{shutil.disk_usage(folder).free / 2 ** 20:,.1f} MB"
 
 
 def last_good(state) -> str:

@@ -588,7 +588,8 @@ def main(argv=None) -> dict:
     except OSError as e:  # e.g. a full disk under log.txt, metrics.jsonl or a plot: one line, exit 1
         if cfg.debug:
             raise
-        print(f"train.py: {runs.os_error_message(e)}; then rerun with --resume", file=sys.stderr, flush=True)
+        print(f"train.py: {runs.os_error_message(e, cfg.out)}. Then rerun the same command (with --resume once the "
+              f"run has started)", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
 
 

@@ -414,6 +414,21 @@ def test_disk_full_during_a_checkpoint_save(toy_root, tmp_path, monkeypatch, cap
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_disk_full_under_the_metrics_log(toy_root, tmp_path, monkeypatch, capsys):
+    """A full disk while appending to metrics.jsonl (not a checkpoint): one line with the file and the free space."""
+    import errno
+
+    def full(self, record):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+
+    monkeypatch.setattr(train.runs.MetricsLog, "write", full)
+    out = tmp_path / "run"
+    code, err = run_exit(train.main, warmup_args(toy_root, out, "--iters-warmup", "1"), capsys)
+    assert code == 1 and "Traceback" not in err, err
+    assert f"train.py: No space left on device: {out / 'metrics.jsonl'} (" in err and "MB free there)" in err
+    assert "rerun the same command (with --resume once the run has started)" in err
+
+
 @contextlib.contextmanager
 def tmpfs(path, options):
     """A tmpfs mounted at `path` (root only; skips where mounting is not allowed)."""

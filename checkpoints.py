@@ -11,8 +11,10 @@ Usage:
     python checkpoints.py --count-params              # head parameter counts of the released configurations
 """
 import argparse
+import errno
 import os
 import pickle
+import shutil
 import tempfile
 import warnings
 import zipfile
@@ -185,23 +187,82 @@ def load_backbone_state(model, state: dict, what="checkpoint"):
     model.backbone.load_state_dict(tensors, strict=False)  # the frozen ViT weights came from `pretrained`
 
 
+class WriteError(OSError):
+    """A file could not be written (full disk, read-only folder, ...); str() is the whole message: the path, the cause
+    and the free space. Whatever was at the path before is untouched (the write goes to a temp file first)."""
+
+
+def file_mode() -> int:
+    """The mode a new file gets from open(): 0666 minus the process umask (mkstemp's temp files are 0600)."""
+    try:  # Linux: read it without changing it (other threads may be creating files)
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a nested dict/list (what torch.save has to write, give or take the pickle)."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def write_error(path, err, needed: int = 0, freed: int = 0) -> WriteError:
+    """One message for a failed write of `path`: the cause (torch reports a full disk as "unexpected pos A vs B" or
+    "file write failed", without ENOSPC) and the free space of the folder's file system."""
+    folder = Path(path).parent
+    try:
+        free = shutil.disk_usage(folder).free + freed
+    except OSError:
+        free = None
+    code = getattr(err, "errno", None)
+    full = code == errno.ENOSPC or (free is not None and needed and free < needed + (1 << 20))
+    mb = lambda n: f"{n / 2 ** 20:,.1f} MB"  # noqa: E731
+    space = f"{mb(free)} free in {folder}" if free is not None else f"free space in {folder} unknown"
+    if full:
+        cause = f"no space left on device ({space}" + (f"; it needs ~{mb(needed)})" if needed else ")")
+    elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        cause = f"{os.strerror(code).lower()} ({folder})"
+    else:
+        cause = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} ({space})"
+    result = WriteError(f"could not write {path}: {cause}; the file there before (if any) is untouched (the write "
+                        f"went to a temp file, now removed)")
+    result.errno = errno.ENOSPC if full else code
+    return result
+
+
 def save_checkpoint(path, model, **extra):
     """Write {"version": 1, "config", "model": head state (+ backbone when trained or random-init; + the adapter of a
-    tuned ViT), **extra} atomically."""
+    tuned ViT), **extra} atomically (temp file, then rename; mode 0666 minus the umask). A failed write raises
+    WriteError naming the path, the cause and the free space; the file at `path` is then untouched."""
     clash = {"version", "config", "model"} & set(extra)
     if clash:
         raise ValueError(f"extra keys {sorted(clash)} are reserved")
     state = {f"sem_seg_head.{k}": v for k, v in model.sem_seg_head.state_dict().items()}
     state.update(backbone_state(model))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    obj = {"version": 1, "config": asdict(model.cfg), "model": state, **extra}
+    path, tmp = Path(path), None
     try:
-        torch.save({"version": 1, "config": asdict(model.cfg), "model": state, **extra}, tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:  # our file object: closed on an error too (torch's own writer keeps a
+            os.fchmod(fd, file_mode())   # failed file open while the exception lives, so its space is not freed)
+            torch.save(obj, f)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save: RuntimeError "unexpected pos ..." on a full disk
+        partial = os.path.getsize(tmp) if tmp is not None and os.path.exists(tmp) else 0
+        # the temp file is removed below; torch may hold it open until the exception goes, so its bytes are added
+        # to the free space reported (what a retry would have)
+        raise write_error(path, e, _tensor_bytes(obj), freed=partial) from e
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
 
 

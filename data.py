@@ -210,37 +210,141 @@ def list_files(name: str, root, split: str = None) -> list:
 
 # ---- reading ----
 
+class DataError(RuntimeError):
+    """An input file that cannot be used as it is (unreadable or truncated, an unsupported image mode, transparent
+    pixels, label values outside the train ids, an image/label size mismatch). The message names the file and the fix.
+    Raised from a DataLoader worker it comes back wrapped in the worker's traceback text: `error_message` unwraps it."""
+
+
+def error_message(err) -> str:
+    """The message of a DataError, also when a DataLoader worker re-raised it with its traceback in the text."""
+    marker = f"{DataError.__module__}.{DataError.__qualname__}: "
+    text = str(err)
+    return text.rsplit(marker, 1)[-1].strip() if marker in text else text
+
+
+# What the readers do with each PIL mode (read_image's docstring lists the same). 16-bit PNGs open as "I;16*" (grey)
+# or, for RGB(A), as 8-bit "RGB(A)" holding the high byte of each 16-bit value (PIL's own conversion).
+GREY16_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+MODE_NAMES = {"RGB": "8-bit RGB", "L": "8-bit greyscale", "1": "1-bit black and white", "P": "palette",
+              "CMYK": "CMYK", "YCbCr": "YCbCr", **{m: "16-bit greyscale" for m in GREY16_MODES},
+              **{m: "with an alpha channel" for m in ALPHA_MODES}}
+
+
+def describe_mode(mode: str) -> str:
+    """How read_image reads an image of PIL mode `mode`, for notes: "16-bit greyscale (I;16), scaled to 8 bits"."""
+    how = {"RGB": "as is", "L": "grey copied to R, G, B", "1": "0/255 copied to R, G, B", "P": "through its palette",
+           "CMYK": "PIL's CMYK->RGB", "YCbCr": "PIL's YCbCr->RGB"}
+    if mode in GREY16_MODES:
+        return f"16-bit greyscale ({mode}), scaled to 8 bits (v * 255 / 65535) and copied to R, G, B"
+    if mode in ALPHA_MODES:
+        return f"{mode} with an opaque alpha channel, alpha dropped"
+    return f"{MODE_NAMES.get(mode, mode)} ({mode}), {how.get(mode, 'converted')}"
+
+
+def _has_alpha(im) -> bool:
+    return im.mode in ALPHA_MODES or "transparency" in im.info  # tRNS: palette / colour-key transparency
+
+
+def _image_to_rgb(im, path) -> np.ndarray:
+    """An opened PIL image -> uint8 (H, W, 3) RGB, or DataError naming the mode (see read_image)."""
+    mode = im.mode
+    if mode in GREY16_MODES:  # PIL's convert("RGB") clips these at 255: a 16-bit PNG would read as all white
+        grey = np.asarray(im).astype(np.int64)
+        if grey.size and (grey.min() < 0 or grey.max() > 65535):
+            raise DataError(f"image {path} has PIL mode {mode} with values {grey.min()}..{grey.max()}, outside 16 "
+                            f"bits: not an image format we read. Save it as an 8-bit RGB PNG or JPEG.")
+        grey = ((grey * 255 + 32767) // 65535).astype(np.uint8)  # round(v * 255 / 65535)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    if _has_alpha(im):
+        rgba = np.asarray(im.convert("RGBA"))
+        see_through = rgba[..., 3] < 255
+        if see_through.any():
+            raise DataError(f"image {path} has transparent pixels (PIL mode {mode}, {see_through.mean():.1%} of the "
+                            f"pixels have alpha < 255): their colour is undefined, so it is not guessed. Flatten it "
+                            f"onto the background you mean (e.g. Image.alpha_composite(Image.new('RGBA', im.size, "
+                            f"'black'), im).convert('RGB')) and save it as RGB.")
+        return np.array(rgba[..., :3])
+    if mode in ("RGB", "L", "1", "P", "CMYK", "YCbCr"):
+        return np.array(im.convert("RGB") if mode != "RGB" else im)
+    raise DataError(f"image {path} has PIL mode {mode} ({MODE_NAMES.get(mode, 'not an RGB or greyscale image')}); "
+                    f"expected 8- or 16-bit RGB, greyscale or palette. Save it as an 8-bit RGB PNG or JPEG.")
+
+
 def read_image(path) -> np.ndarray:
-    """Read an image file as uint8 (H, W, 3) RGB; a corrupt file raises RuntimeError naming it."""
+    """Read an image file as uint8 (H, W, 3) RGB. Modes: RGB as is; 16-bit RGB(A) PNGs through PIL, which keeps the
+    high byte; greyscale (L, 1) and 16-bit greyscale (I;16, scaled by 255 / 65535) copied to R, G, B; palette (P),
+    CMYK and YCbCr converted by PIL; an alpha channel (RGBA, LA, PA, tRNS) dropped when every pixel is opaque.
+    Rejected with a DataError naming the file and its mode: transparent pixels, 32-bit and float images, anything
+    else. A corrupt or truncated file also raises DataError."""
     try:
         with Image.open(path) as im:
-            return np.array(im.convert("RGB"))
+            return _image_to_rgb(im, path)
     except FileNotFoundError:
         raise
     except (OSError, SyntaxError, ValueError) as e:  # PIL: unidentified/truncated (OSError), broken PNG chunks (Syntax)
-        raise RuntimeError(f"could not read image {path}: {e}. The file is corrupt or truncated; "
-                           f"re-extract it from the dataset archive.") from e
+        raise DataError(f"could not read image {path}: {e}. The file is corrupt or truncated; "
+                        f"re-extract it from the dataset archive (or regenerate it).") from e
+
+
+def check_image(path, decode: bool = False) -> tuple:
+    """Cheap check of an image file without training-time decoding: header, mode (as read_image), PNG chunk CRCs
+    (catches truncation). `decode` reads it fully (read_image). Returns (H, W, mode); raises DataError."""
+    if decode:
+        with Image.open(path) as im:
+            mode = im.mode
+        return (*read_image(path).shape[:2], mode)
+    try:
+        with Image.open(path) as im:
+            size, mode = (im.height, im.width), im.mode
+            if _has_alpha(im) or mode not in MODE_NAMES:
+                _image_to_rgb(im, path)  # decodes: opacity can only be seen in the pixels
+            else:
+                im.verify()  # PNG: reads every chunk and checks its CRC, without inflating the pixels
+        return (*size, mode)
+    except (FileNotFoundError, DataError):
+        raise
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"could not read image {path}: {e}. The file is corrupt or truncated; "
+                        f"re-extract it from the dataset archive (or regenerate it).") from e
 
 
 def read_label(path) -> np.ndarray:
-    """Read a train-id label PNG as uint8 (H, W) with values in {0..18, 255}; errors name the file."""
+    """Read a train-id label PNG as uint8 (H, W) with values in {0..18, 255}; errors (DataError) name the file.
+    Modes L and P (the palette indices are the ids) are read as they are; 16-bit (I;16) labels are accepted when
+    every value is a train id; colour, alpha and other modes are rejected."""
     try:
         with Image.open(path) as im:
             mode = im.mode
-            label = np.array(im) if mode in ("L", "P") else None
+            label = np.array(im) if mode in ("L", "P", *GREY16_MODES) else None
     except FileNotFoundError:
         raise
     except (OSError, SyntaxError, ValueError) as e:
-        raise RuntimeError(f"could not read label {path}: {e}. The file is corrupt or truncated; "
-                           f"re-extract or re-convert it.") from e
+        raise DataError(f"could not read label {path}: {e}. The file is corrupt or truncated; "
+                        f"re-extract or re-convert it.") from e
     if label is None:
-        raise RuntimeError(f"label {path} has PIL mode {mode}; expected an 8-bit single-channel train-id PNG "
-                           f"(mode L or P). A colour label? Use the *_labelTrainIds.png files.")
+        raise DataError(f"label {path} has PIL mode {mode}; expected a single-channel train-id PNG (mode L or P, "
+                        f"or 16-bit holding train ids). A colour label? Use the *_labelTrainIds.png files.")
+    if label.dtype != np.uint8:  # 16-bit: its values must already be train ids
+        wide = label.astype(np.int64)
+        bad = (wide < 0) | (wide > 255)
+        if bad.any():
+            raise DataError(f"label {path} (PIL mode {mode}) holds values {np.unique(wide[bad])[:10].tolist()} "
+                            f"outside the train ids {{0..18, 255}}: is it a raw label-id file? Convert with "
+                            f"`python data.py convert ...`.")
+        label = wide.astype(np.uint8)
     bad = ~_VALID_LUT[label]
     if bad.any():
-        raise RuntimeError(f"label {path} holds values {np.unique(label[bad])[:10].tolist()} outside the train ids "
-                           f"{{0..18, 255}}: is it a raw label-id file? Convert with `python data.py convert ...`.")
+        raise DataError(f"label {path} holds values {np.unique(label[bad])[:10].tolist()} outside the train ids "
+                        f"{{0..18, 255}}: is it a raw label-id file? Convert with `python data.py convert ...`.")
     return label
+
+
+def nested(a, b) -> bool:
+    """Whether folders a and b are the same, or one is inside the other (resolved: symlinks and `..` followed)."""
+    a, b = Path(a).expanduser().resolve(), Path(b).expanduser().resolve()
+    return a == b or a in b.parents or b in a.parents
 
 
 class SegDataset(torch.utils.data.Dataset):
@@ -275,7 +379,7 @@ class SegDataset(torch.utils.data.Dataset):
         else:
             label = read_label(label_path)
             if label.shape != image.shape[:2]:
-                raise RuntimeError(f"size mismatch: image {image_path} is {image.shape[0]}x{image.shape[1]} but label "
+                raise DataError(f"size mismatch: image {image_path} is {image.shape[0]}x{image.shape[1]} but label "
                                    f"{label_path} is {label.shape[0]}x{label.shape[1]} (HxW); they must be equal.")
         sample = {"image": _to_chw(image), "label": torch.from_numpy(label.astype(np.int64)),
                   "name": Path(image_path).stem, "path": str(image_path)}

@@ -447,8 +447,12 @@ def predict_images(model, paths, save_dir, device="cpu", short_side: int = 1024,
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
+    converted = {}  # mode -> image names read through a conversion (data.read_image: 16-bit, palette, grey, ...)
     for path in tqdm(paths, desc="predict", disable=not progress):
         image = data.read_image(path)                                          # (H, W, 3) uint8
+        with Image.open(path) as im:
+            if im.mode != "RGB":
+                converted.setdefault(im.mode, []).append(Path(path).name)
         size = data.shortest_edge_size(*image.shape[:2], short_side)
         x = torch.from_numpy(data.resize_image(image, size)).permute(2, 0, 1)[None].to(device)  # (1, 3, h, w)
         pred = model.predict(x)[0].cpu().numpy().astype(np.uint8)              # (h, w) train ids
@@ -457,13 +461,36 @@ def predict_images(model, paths, save_dir, device="cpu", short_side: int = 1024,
         data.save_png(pred, save_dir / f"{stem}.png")
         data.save_png(data.colorize(pred), save_dir / f"{stem}_color.png")
         data.save_png(overlay(image, pred), save_dir / f"{stem}_overlay.png")
+    for mode, names in converted.items():
+        print(f"read {len(names)} image(s) as {data.describe_mode(mode)}: {', '.join(names[:5])}"
+              + (", ..." if len(names) > 5 else ""))
     return len(paths)
 
 
 # ---- command line ----
 
+def output_clashes(paths) -> dict:
+    """{output file name: [the images that would write it]} for the names predict_images would write twice: x.png and
+    x.jpg both give x.png; an image named x_color.png writes x_color.png, which is also x.png's colour map."""
+    writers = {}
+    for p in paths:
+        for suffix in OUTPUT_SUFFIXES:
+            writers.setdefault(f"{Path(p).stem}{suffix}", []).append(Path(p))
+    return {name: ps for name, ps in writers.items() if len(ps) > 1}
+
+
+def _clash_problem(folder, clashes: dict) -> str:
+    shown = "; ".join(f"{name} for {', '.join(p.name for p in ps[:-1])} and {ps[-1].name}"
+                      for name, ps in list(clashes.items())[:6])
+    return (f"--images {folder}: {len(clashes)} prediction file(s) would each be written for several images, the last "
+            f"one silently replacing the others: {shown}{'; ...' if len(clashes) > 6 else ''}. Rename the images so "
+            f"that no two share a stem and no stem ends in _color or _overlay, or predict them into separate "
+            f"--save-pred folders")
+
+
 def preflight(cfg: EvalConfig) -> list:
-    """Every problem with the inputs, each naming the flag that fixes it (files, folders, dataset layouts)."""
+    """Every problem with the inputs, each naming the flag that fixes it (files, folders, dataset layouts). An output
+    folder that is, holds or is inside an input folder is refused, --overwrite or not."""
     problems = []
     if cfg.weights and not Path(cfg.weights).is_file():
         problems.append(f"--weights {cfg.weights} does not exist; pass a checkpoint file (train.py writes "
@@ -475,12 +502,21 @@ def preflight(cfg: EvalConfig) -> list:
             problems.append(f"--images {cfg.images} is not a folder")
         elif not list_images(cfg.images):
             problems.append(f"--images {cfg.images} holds no .png/.jpg image")
-        elif Path(cfg.save_pred).is_dir() and not cfg.overwrite:
-            taken = [Path(cfg.save_pred) / f"{p.stem}{s}" for p in list_images(cfg.images) for s in OUTPUT_SUFFIXES]
-            taken = [p for p in taken if p.exists()]
-            if taken:
-                problems.append(f"--save-pred {cfg.save_pred} already holds {len(taken)} prediction files (e.g. "
-                                f"{taken[0].name}); pass another --save-pred or add --overwrite")
+        elif data.nested(cfg.save_pred, cfg.images):  # --overwrite or not: the inputs are never written over
+            problems.append(f"--save-pred {cfg.save_pred} is, holds or is inside the input folder --images "
+                            f"{cfg.images}: the predictions would be written among (or over) your images. Pass a "
+                            f"--save-pred folder outside --images")
+        else:
+            clashes = output_clashes(list_images(cfg.images))
+            if clashes:
+                problems.append(_clash_problem(cfg.images, clashes))
+            elif Path(cfg.save_pred).is_dir() and not cfg.overwrite:
+                taken = [Path(cfg.save_pred) / f"{p.stem}{s}" for p in list_images(cfg.images)
+                         for s in OUTPUT_SUFFIXES]
+                taken = [p for p in taken if p.exists()]
+                if taken:
+                    problems.append(f"--save-pred {cfg.save_pred} already holds {len(taken)} prediction files (e.g. "
+                                    f"{taken[0].name}); pass another --save-pred or add --overwrite")
         return problems
     if not Path(cfg.data_root).is_dir():
         return problems + [f"--data-root {cfg.data_root} is not a folder; pass the datasets root"]
@@ -489,6 +525,11 @@ def preflight(cfg: EvalConfig) -> list:
             data.list_files(name, cfg.data_root, cfg.split or None)
         except (FileNotFoundError, ValueError) as err:
             problems.append(f"--datasets {name} (--data-root {cfg.data_root}): " + str(err).replace("\n", "\n    "))
+            continue
+        inputs = [Path(cfg.data_root) / f for f in data.DATASETS[name].folders if (Path(cfg.data_root) / f).is_dir()]
+        if cfg.save_pred and any(data.nested(Path(cfg.save_pred) / name, f) for f in inputs):
+            problems.append(f"--save-pred {cfg.save_pred} would write {Path(cfg.save_pred) / name}, which is, holds or "
+                            f"is inside the dataset folder {inputs[0]}; pass a --save-pred folder outside the datasets")
     return problems
 
 
@@ -536,7 +577,8 @@ def main(argv=None) -> dict:
     except (ValueError, OSError, ImportError, RuntimeError) as err:
         if "--debug" in argv:
             raise
-        print(f"evaluate.py: error: {err}\n(add --debug for the traceback)", file=sys.stderr)
+        # data.error_message: a bad file found in a DataLoader worker comes back wrapped in the worker's traceback
+        print(f"evaluate.py: error: {data.error_message(err)}\n(add --debug for the traceback)", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -209,7 +209,7 @@ def load_llm(name: str, device: str = "cpu"):
         raise RuntimeError(
             f"could not load the prompt-writing LLM {name!r} (offline={offline}). Expected a local folder with "
             f"config.json, weights and tokenizer files, or a hub id that is cached or downloadable. On a connected "
-            f"machine run `huggingface-cli download {name} --local-dir /path/to/llm`, then pass --llm /path/to/llm; "
+            f"machine run `hf download {name} --local-dir /path/to/llm`, then pass --llm /path/to/llm; "
             f"or drop --llm and use --prompts FILE.") from err
     if len(tokenizer) < 100:  # transformers 5 can silently build an empty tokenizer (environment.md §4)
         raise RuntimeError(f"the tokenizer of {name!r} has only {len(tokenizer)} tokens; its vocabulary files are "
@@ -262,7 +262,7 @@ def load_pipeline(cfg: GenerateConfig):
         raise RuntimeError(
             f"could not load Stable Diffusion weights from {cfg.model!r}. Expected a cached hub id or a local "
             f"diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/). Offline, copy "
-            f"them from a connected machine: `huggingface-cli download {cfg.model} --local-dir "
+            f"them from a connected machine: `hf download {cfg.model} --local-dir "
             f"/path/to/stable-diffusion-2`, then pass --model /path/to/stable-diffusion-2. For an offline smoke "
             f"test use --backend toy.") from err
     return pipe.to(device)
@@ -290,10 +290,18 @@ def render_batch(cfg: GenerateConfig, pipe, prompts: list, seeds: list) -> list:
 
 # ---- files and manifest ----
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it: set and restore
+    os.umask(mask)
+    return mask
+
+
 def _atomic(path: Path, write):
-    """Call write(file) on a temp file beside `path`, then move it into place; no temp file survives a failure."""
+    """Call write(file) on a temp file beside `path`, then move it into place; no temp file survives a failure. The
+    file gets the mode open() would give it (0666 minus the umask), not mkstemp's private 0600."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)

@@ -8,11 +8,14 @@ Usage: not a script; train.py calls preflight(cfg, env, split, p_gen_of) first.
 """
 import json
 import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
+from tqdm import tqdm
 
 import backbones
 import clouds
@@ -138,9 +141,126 @@ def preflight(cfg, env, split: Optional[str], p_gen_of) -> dict:
     changes, resume, old = out_problems(cfg, record, problems)
     if problems:
         raise runs.Problems(problems)
+    notes = run_warnings(cfg)
+    if cfg.resume and resume and old.get("world_size", env.world) != env.world:
+        notes.append(world_size_note(cfg, old["world_size"], env.world))
+    if env.rank == 0 and cfg.check_images is not False:  # last: it opens files, so only once the rest is in place
+        problems, checked = check_images(cfg, split, p_gen)
+        if problems:
+            raise runs.Problems(problems)
+        notes += checked
     record["history"] = old.get("history", []) if cfg.resume else []
     return {"n_source": n_source, "n_generated": n_gen, "p_gen": p_gen, "config": record, "changes": changes,
-            "resume": resume, "warnings": run_warnings(cfg)}
+            "resume": resume, "warnings": notes}
+
+
+def world_size_note(cfg, old: int, new: int) -> str:
+    """Resuming with another number of processes: what stays (the global batch, the samples) and what changes."""
+    return (f"note: resuming a run of {old} process{'es' * (old > 1)} with {new}: --batch-size {cfg.batch_size} is "
+            f"the global batch, so it stays, and every iteration draws the same samples as before; each process now "
+            f"takes {cfg.batch_size // new} samples instead of {cfg.batch_size // old} (memory per device x"
+            f"{old / new:g}). To keep the per-process batch instead, resume with --batch-size "
+            f"{cfg.batch_size // old * new} --allow-config-change (that changes the optimization)")
+
+
+# ---- --check-images: open the input files before the run ----
+
+
+def _input_files(cfg, split, joint: bool) -> list:
+    """(kind, image, label or None) of every file the run will read: the source and evaluation pairs, the generated
+    images."""
+    items = [("source", img, lbl) for img, lbl in data.list_files(cfg.source, cfg.data_root, split)]
+    for name in cfg.eval_sets if cfg.eval_every else ():
+        items += [(f"evaluation set {name}", img, lbl) for img, lbl in data.list_files(name, cfg.data_root)]
+    if joint:
+        items += [("generated", img, None) for img, _ in data.list_files("generated", cfg.synthetic)]
+    return items
+
+
+def _check_item(kind, image, label) -> Optional[str]:
+    """None when the run can read the pair; otherwise the problem, naming the file. Generated images are decoded (as
+    training reads them); dataset images are checked without decoding (header, mode, PNG CRCs), their labels read."""
+    try:
+        h, w, mode = data.check_image(image, decode=label is None)
+        if label is not None:
+            lbl = data.read_label(label)
+            if lbl.shape != (h, w):
+                return (f"{kind}: size mismatch: image {image} is {h}x{w} but label {label} is "
+                        f"{lbl.shape[0]}x{lbl.shape[1]} (HxW)")
+        return None if mode == "RGB" else f"mode {mode}"
+    except (data.DataError, OSError) as e:
+        return f"{kind}: {data.error_message(e)}"
+
+
+def _data_seconds(cfg, split, joint: bool, p_gen: float) -> float:
+    """A lower bound of the run's time: the samples it loads x the measured time to load one (read + augment)."""
+    def timed(name, root, split, transform):
+        """The fastest of 3 sample loads after a warm-up one (imports, caches); a bad file is skipped, the check
+        reports it."""
+        ds, times = data.build_dataset(name, root, split, transform), []
+        for i in range(min(len(ds), 4)):
+            t0 = time.perf_counter()
+            try:
+                ds.get(i, np.random.default_rng(0))
+            except (data.DataError, OSError):
+                continue
+            times.append(time.perf_counter() - t0)
+        return min(times[1:] or times or [0.0])
+
+    t_src = timed(cfg.source, cfg.data_root, split, data.TrainTransform(cfg.crop_size, (cfg.scale_min, cfg.scale_max)))
+    seconds = (cfg.iters_warmup * cfg.batch_size * t_src) if cfg.phase in ("warmup", "all") else 0.0
+    if joint:
+        t_gen = timed("generated", cfg.synthetic, None, data.GeneratedTransform()) if p_gen > 0 else 0.0
+        seconds += cfg.iters_joint * cfg.batch_size * ((1 - p_gen) * t_src + p_gen * t_gen)
+    elif cfg.phase in ("joint", "all"):
+        seconds += cfg.iters_joint * cfg.batch_size * t_src
+    return seconds
+
+
+CHECK_SHARE, CHECK_MIN_SECONDS = 0.01, 1.0  # the default check: at most 1% of the run's data loading, at least 1 s
+
+
+def check_images(cfg, split, p_gen: float) -> tuple:
+    """--check-images: open the files the run will read before it starts, so a bad generated image is not found at
+    joint iteration 0 after hours of warmup, nor a bad label when it is first drawn. With --check-images every file;
+    by default (None) all of them when that fits in 1% of the run's estimated data loading (at least 1 s), otherwise
+    a random sample (seed --seed) for that long. Returns (problems, notes)."""
+    phases = ("warmup", "joint") if cfg.phase == "all" else (cfg.phase,)
+    joint = "joint" in phases and cfg.p_gen != 0 and bool(cfg.synthetic)
+    items = _input_files(cfg, split, joint)
+    order = np.random.default_rng(cfg.seed).permutation(len(items))
+    budget = None if cfg.check_images else max(CHECK_SHARE * _data_seconds(cfg, split, joint, p_gen),
+                                               CHECK_MIN_SECONDS)
+    bad, modes, done, t0 = [], {}, 0, time.perf_counter()
+    bar = tqdm(total=len(items), desc="check images", disable=not cfg.progress, leave=False)
+    for i in order:
+        if budget is not None and done and time.perf_counter() - t0 > budget:  # at least one file
+            break
+        kind, image, label = items[i]
+        result = _check_item(kind, image, label)
+        if result and result.startswith("mode "):
+            modes.setdefault((kind, result[5:]), []).append(Path(image).name)
+        elif result:
+            bad.append(result)
+        done += 1
+        bar.update()
+    bar.close()
+    seconds = time.perf_counter() - t0
+    what = ("source labels and image headers" + (", evaluation labels" if cfg.eval_every else "")
+            + (", generated images" if joint else ""))
+    scope = f"all {len(items)}" if done == len(items) else f"a random {done} of {len(items)}"
+    if bad:
+        shown = "\n".join(f"  {b}" for b in bad[:8]) + (f"\n  ... and {len(bad) - 8} more" if len(bad) > 8 else "")
+        regenerate = (" (a generated image: delete it and rerun generate.py with the same --out and settings, which "
+                      "renders it again)") if any(b.startswith("generated") for b in bad) else ""
+        return [f"--check-images: {len(bad)} of the {done} input files checked cannot be used (checked {scope}):\n"
+                f"{shown}\nfix or replace them{regenerate}, or pass --no-check-images to start anyway"], []
+    notes = [f"checked {scope} input files ({what}) in {seconds:.1f} s: all readable"
+             + ("" if done == len(items) else f"; a sample that fits in 1% of the run's estimated data loading, "
+                f"--check-images opens them all (about {seconds * len(items) / done:.0f} s)")]
+    notes += [f"note: {len(names)} {kind} image(s) read as {data.describe_mode(mode)} (e.g. {names[0]})"
+              for (kind, mode), names in modes.items()]
+    return [], notes
 
 
 def input_problems(cfg, split, p_gen_of) -> tuple:
@@ -197,7 +317,10 @@ def out_problems(cfg, record: dict, problems: list) -> tuple:
     lasts = {ph: d / "last.pt" for ph, d in dirs.items() if (d / "last.pt").is_file()}
     found = sorted(str(f) for d in {out, *dirs.values()} for f in (d / n for n in RUN_FILES) if f.is_file())
     changes, resume, old = {}, {}, {}
-    if found and not (cfg.resume or cfg.overwrite):
+    owner = runs.lock_owner(out)
+    problems += [runs.lock_message(out, owner)] if owner else []
+    problems += writable_problems(cfg) + overlap_problems(cfg)
+    if found and not (cfg.resume or cfg.overwrite or owner):
         problems.append(f"--out {out} already holds a run ({', '.join(found)}): pass --resume to continue it, "
                         f"--overwrite to start over (its files are replaced), or choose another --out")
     if not cfg.resume:
@@ -225,6 +348,41 @@ def out_problems(cfg, record: dict, problems: list) -> tuple:
                         + ". Pass --allow-config-change to apply them from the resumed iteration (logged in "
                           "log.txt and config.json), or rerun with the old values")
     return changes, resume, old
+
+
+def writable_problems(cfg) -> list:
+    """--out must be creatable and writable (a read-only disk fails here, not with a traceback at the first write)."""
+    out = Path(cfg.out).expanduser().absolute()
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        return [f"--out {cfg.out}: {existing} is a file, not a folder; pass another --out"]
+    if os.access(existing, os.W_OK | os.X_OK):
+        return []
+    read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
+    why = "is on a read-only file system" if read_only else "is not writable by this user"
+    return [f"--out {cfg.out} cannot be written: {existing} {why}; pass an --out on a writable disk"]
+
+
+def overlap_problems(cfg) -> list:
+    """An --out that is, holds or is inside an input folder (a dataset folder, --synthetic) is refused, --overwrite or
+    not: --overwrite deletes config.json, log.txt, ... there (generate.py keeps its own config.json in --synthetic).
+    So is an --overwrite that would delete the --weights file."""
+    phases = ("warmup", "joint") if cfg.phase == "all" else (cfg.phase,)
+    names = [cfg.source] + list(cfg.eval_sets if cfg.eval_every else ())
+    inputs = [(f"the {name} dataset folder (--data-root)", Path(cfg.data_root) / folder) for name in dict.fromkeys(names)
+              for folder in data.DATASETS[name].folders if (Path(cfg.data_root) / folder).is_dir()]
+    if "joint" in phases and cfg.synthetic and Path(cfg.synthetic).is_dir():
+        inputs.append(("the generated images (--synthetic)", Path(cfg.synthetic)))
+    problems = [f"--out {cfg.out} is, holds or is inside {what} {folder}: the run's files would mix with (and "
+                f"--overwrite would delete) the inputs. Pass an --out outside the input folders"
+                for what, folder in inputs if data.nested(cfg.out, folder)]
+    if cfg.weights and cfg.overwrite and Path(cfg.weights).is_file():
+        deleted = {(d / n).resolve() for d in {Path(cfg.out), *phase_dirs(cfg).values()}
+                   for n in (*RUN_FILES, "model_final.pt")}
+        if Path(cfg.weights).resolve() in deleted:
+            problems.append(f"--overwrite would delete --weights {cfg.weights} (it is a file of the run in --out "
+                            f"{cfg.out}); copy it elsewhere first, or choose another --out")
+    return problems
 
 
 def sam_checkpoint(cfg) -> Optional[str]:

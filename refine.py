@@ -331,10 +331,18 @@ def colorize(label: np.ndarray) -> np.ndarray:
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it: set and restore
+    os.umask(mask)
+    return mask
+
+
 def _atomic(path: Path, write):
-    """Call write(file) on a temp file beside `path`, then move it into place; no temp file survives a failure."""
+    """Call write(file) on a temp file beside `path`, then move it into place; no temp file survives a failure. The
+    file gets the mode open() would give it (0666 minus the umask), not mkstemp's private 0600."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)
@@ -361,15 +369,42 @@ def _find_label(labels_dir: Path, stem: str):
     return None
 
 
+GREY16_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """An image file as uint8 (H, W, 3) RGB, read as data.read_image reads it (refine.py copies on its own): RGB,
+    greyscale, palette, CMYK as PIL converts them; 16-bit greyscale scaled by 255 / 65535 (PIL's convert would clip
+    it to white); an alpha channel dropped only when every pixel is opaque; anything else is a ValueError."""
+    from PIL import Image
+    with Image.open(path) as im:
+        mode = im.mode
+        if mode in GREY16_MODES:
+            grey = np.asarray(im).astype(np.int64)
+            if grey.size and (grey.min() < 0 or grey.max() > 65535):
+                raise ValueError(f"image {path} has PIL mode {mode} with values outside 16 bits; save it as 8-bit RGB")
+            return np.repeat(((grey * 255 + 32767) // 65535).astype(np.uint8)[..., None], 3, axis=-1)
+        if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+            rgba = np.asarray(im.convert("RGBA"))
+            if (rgba[..., 3] < 255).any():
+                raise ValueError(f"image {path} has transparent pixels (PIL mode {mode}): their colour is undefined; "
+                                 f"flatten it onto a background and save it as RGB")
+            return np.array(rgba[..., :3])
+        if mode not in ("RGB", "L", "1", "P", "CMYK", "YCbCr"):
+            raise ValueError(f"image {path} has PIL mode {mode}; expected RGB, greyscale or palette (8 or 16 bits)")
+        return np.array(im.convert("RGB"))
+
+
 def _read_label(path: Path, image_shape) -> np.ndarray:
     """A teacher label PNG as int64 (H, W); ValueError unless it is a single-channel map of train ids {0..18, 255}
-    of the image's size."""
+    of the image's size (8-bit L or P, or 16-bit holding train ids)."""
     from PIL import Image
     with Image.open(path) as im:
         mode, label = im.mode, np.asarray(im)
-    if mode not in ("L", "P"):
+    if mode not in ("L", "P", *GREY16_MODES):
         raise ValueError(f"label {path} has PIL mode {mode}; expected a single-channel 8-bit train-id PNG")
-    bad = ~VALID_IDS[label]
+    bad = (label < 0) | (label > 255)
+    bad[~bad] = ~VALID_IDS[label[~bad].astype(np.uint8)]
     if bad.any():
         raise ValueError(f"label {path} holds values {np.unique(label[bad])[:10].tolist()} outside the train ids "
                          f"{{0..18, 255}}: raw label ids? Convert a dataset first with `python data.py convert "
@@ -502,8 +537,12 @@ def preflight(args, cfg: RefineConfig):
                             f"{labels_dir / (missing[0] + '_labelTrainIds.png')} (teacher train-id PNG)")
     if args.sam != "toy":
         problems += predictor_problems(args.sam, args.checkpoint, flag="--checkpoint")
-    if out.resolve() in (images_dir.resolve(), labels_dir.resolve()):
-        problems.append(f"--out {out} is the --images or --labels folder; pass a folder of its own")
+    inside = [f"{flag} {d}" for flag, d in (("--images", images_dir), ("--labels", labels_dir))
+              if out.resolve() == d.resolve() or d.resolve() in out.resolve().parents
+              or out.resolve() in d.resolve().parents]
+    if inside:  # --overwrite or not: the inputs are never written over
+        problems.append(f"--out {out} is, holds or is inside the input folder {' and '.join(inside)}; pass an --out "
+                        f"folder of its own, outside the inputs")
     elif out.exists() and not out.is_dir():
         problems.append(f"--out {out} is a file; pass a folder")
     elif out.is_dir():
@@ -532,7 +571,6 @@ def _folder_problems(out: Path, config: dict, overwrite: bool) -> list:
 
 
 def _run(argv):
-    from PIL import Image
     from tqdm import tqdm
 
     args, cfg = parse_args(argv)
@@ -554,7 +592,7 @@ def _run(argv):
         if (out / f"{stem}.png").is_file() and (out / f"{stem}_vis.png").is_file():
             summary["skipped"] += 1  # resume
             continue
-        image = np.asarray(Image.open(image_path).convert("RGB"))
+        image = _read_image(image_path)                          # uint8 (H, W, 3) RGB, or a message naming the mode
         label = _read_label(label_path, image.shape[:2])       # train ids or a message naming data.py convert
         predictor = predictor or build_predictor(args.sam, args.checkpoint, args.device)
         gen = torch.Generator().manual_seed(args.seed ^ zlib.crc32(stem.encode()))

@@ -5,11 +5,13 @@ itself (Sec. 3.3 of the paper) is in train.py, which imports this file; this fil
 Usage: not a script; `import runs` (train.py does). A running phase's state is train.RunState (duck-typed here).
 """
 import argparse
+import errno
 import json
 import math
 import os
 import pickle
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -106,16 +108,174 @@ def setup_distributed(device_name: str) -> Env:
     if device_name == "auto":
         device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     else:
-        device = torch.device(device_name)
+        try:
+            device = torch.device(device_name)
+        except RuntimeError as e:
+            raise Problems([f"--device {device_name}: {first_line(e)}; pass auto, cpu, cuda or cuda:N"]) from None
         if device.type == "cuda" and device.index is None:
             device = torch.device(f"cuda:{local}")
     if device.type == "cuda":
+        problem = cuda_problem(device_name, device)
+        if problem:
+            raise Problems([problem])
         torch.cuda.set_device(device)
     started = False
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         started = True
     return Env(rank, world, device, started)
+
+
+def cuda_problem(flag_value: str, device: torch.device) -> Optional[str]:
+    """Why `device` (a cuda device) cannot be used, in one line naming --device; None when it can."""
+    if not torch.cuda.is_available():
+        build = f"torch {torch.__version__}" + (f", built for CUDA {torch.version.cuda}" if torch.version.cuda else
+                                                " without CUDA")
+        return (f"--device {flag_value}: no CUDA GPU is visible to this process ({build}; check nvidia-smi, the "
+                f"driver and CUDA_VISIBLE_DEVICES); pass --device cpu, or --device auto to use a GPU when there is one")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        return (f"--device {flag_value}: this process sees {torch.cuda.device_count()} GPU(s) (cuda:0.."
+                f"cuda:{torch.cuda.device_count() - 1}); pass one of them, or fewer --nproc_per_node under torchrun")
+    return None
+
+
+# ---- the lock of --out: one run at a time ----
+
+LOCK_NAME = "train.lock"
+
+
+def _lock_record() -> dict:
+    """Who holds a lock: this process, its host, when, and (under torchrun) which job."""
+    job = [os.environ.get(k, "") for k in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT")]
+    return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300], "job": "|".join(job)}
+
+
+def _read_lock(fd) -> dict:
+    """The record in an open lock file (read through `fd`: opening and closing the file again would drop a POSIX
+    lock this process holds on it)."""
+    try:
+        text = os.pread(fd, 65536, 0).decode(errors="replace").strip()
+        record = json.loads(text or "{}")
+        return record if isinstance(record, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, TypeError, OverflowError):
+        return True  # someone else's process (or an unreadable record): assume alive
+    return True
+
+
+def _try_lock(fd, exclusive: bool) -> Optional[bool]:
+    """Non-blocking POSIX record lock on the whole file: True = got it, False = another process holds it, None = the
+    file system has no locks (some NFS setups). POSIX locks (unlike flock) are not inherited by forked DataLoader
+    workers, so the kernel drops them the moment the owner dies."""
+    import fcntl
+
+    try:
+        fcntl.lockf(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        return True
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return None
+        raise
+
+
+def _owner_text(record: dict) -> str:
+    if not record:
+        return "another process (it has not written its pid yet)"
+    return (f"pid {record.get('pid')} on host {record.get('host')} (started {record.get('started')}: "
+            f"{record.get('command', '?')})")
+
+
+def lock_message(out, record: dict) -> str:
+    return (f"--out {out} is in use by another run: {_owner_text(record)}. Two runs in one --out would interleave "
+            f"log.txt and metrics.jsonl and race on last.pt. Wait for it to end (or stop it), or choose another --out. "
+            f"{Path(out) / LOCK_NAME} is released when that run exits, even when it is killed")
+
+
+def lock_owner(out) -> Optional[dict]:
+    """The record of the live run holding OUT/train.lock, or None (no lock, a stale one, or one of this torchrun job).
+    Only looks (the preflight's check); OutLock.acquire is what excludes."""
+    path = Path(out) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        free = _try_lock(fd, exclusive=False)  # a shared lock: refused while a run holds the exclusive one
+        record = _read_lock(fd)
+        if free is None:  # no locks on this file system: the pid decides, on this host
+            free = record.get("host") == socket.gethostname() and not _pid_alive(record.get("pid"))
+    finally:
+        os.close(fd)  # drops the shared lock
+    if free or record.get("job") == _lock_record()["job"] != "||":
+        return None
+    return record
+
+
+class OutLock:
+    """OUT/train.lock, held by rank 0 for the whole run: an exclusive POSIX lock (the kernel drops it when the process
+    dies, SIGKILL included) on a file holding the owner's pid, host, start time and command. A second run on the same
+    --out fails at once naming the owner; the file of a run that died is taken over with a note. Where the file
+    system has no locks (some NFS setups) the pid decides instead (a lock from another host is then removed by hand).
+    """
+
+    def __init__(self, out):
+        self.out, self.path, self.fd = Path(out), Path(out) / LOCK_NAME, None
+
+    def acquire(self, wait: float = 1.0) -> Optional[str]:
+        """Take the lock, or raise Problems naming its owner. Returns a note when a dead run's lock was taken over.
+        `wait`: seconds of retrying first (another process may be looking at the lock for a moment: lock_owner)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + wait
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, checkpoints.file_mode())
+            got = _try_lock(fd, exclusive=True)
+            previous = _read_lock(fd)
+            if got is None:  # no locks: the pid decides (racy, but the best there is)
+                got = not previous or previous.get("host") == socket.gethostname() and not _pid_alive(
+                    previous.get("pid"))
+            try:  # the previous owner may have removed the file after we opened it: then lock the new one
+                same = got and os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+            if got:
+                continue
+            if time.monotonic() > deadline:
+                raise Problems([lock_message(self.out, previous)])
+            time.sleep(0.05)
+        self.fd = fd
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(_lock_record()) + "\n").encode(), 0)
+        os.fsync(fd)
+        if previous.get("pid") is not None:
+            return (f"took over {self.path} from a run that is no longer running: {_owner_text(previous)}; it "
+                    f"stopped without cleaning up (killed, or its machine went down)")
+        return None
+
+    def release(self):
+        """Remove the lock file and drop the lock (at the end of a run, however it ends but SIGKILL)."""
+        if self.fd is None:
+            return
+        try:
+            if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
 
 
 # ---- checkpoints of the trainer state (last.pt) ----
@@ -180,10 +340,11 @@ def restore_state(path, state) -> int:
 
 
 def atomic(path, write):
-    """Call write(tmp) on a temp file beside `path`, then move it into place."""
+    """Call write(tmp) on a temp file beside `path`, then move it into place (mode 0666 minus the umask, as logs)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, checkpoints.file_mode())
     os.close(fd)
     try:
         write(tmp)
@@ -216,6 +377,26 @@ def check_outputs(state, outputs, it):
                          f"last good checkpoint is {last_good(state)}. Try a lower --lr (now {cfg.lr})"
                          + (", --no-backbone-bf16" if cfg.backbone_bf16 else "")
                          + ", or check the input images; then rerun with --resume.")
+
+
+def os_error_message(e: OSError, out=None) -> str:
+    """One line for an OSError: the cause, the file and, on a full disk, the free space there; a hint about --out when
+    the file is in it."""
+    if isinstance(e, checkpoints.WriteError) or not e.strerror:
+        return str(e)
+    msg = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    folder = Path(e.filename).parent if e.filename else None
+    if e.errno == errno.ENOSPC and folder is not None:
+        import shutil
+
+        try:
+            msg += f" ({shutil.disk_usage(folder).free / 2 ** 20:,.1f} MB free there); free some space"
+        except OSError:
+            pass
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and out and folder is not None and (
+            Path(out).resolve() in (folder.resolve(), *folder.resolve().parents)):
+        msg += "; pass a writable --out"
+    return msg
 
 
 def last_good(state) -> str:
@@ -474,9 +655,14 @@ def after_iteration(state, env, inputs, log, say, stop, done, max_iter, paths) -
     stopping = should_stop(stop, env)
     if done % cfg.save_every == 0 or done % cfg.ckpt_every == 0 or done == max_iter or stopping:
         if main_rank:
-            save_state(paths["last"], state, done)
-            if done % cfg.ckpt_every == 0:  # official PeriodicCheckpointer snapshot (weights only)
-                checkpoints.save_checkpoint(paths["last"].parent / f"model_{done:07d}.pt", state.model)
+            try:
+                save_state(paths["last"], state, done)
+                if done % cfg.ckpt_every == 0:  # official PeriodicCheckpointer snapshot (weights only)
+                    checkpoints.save_checkpoint(paths["last"].parent / f"model_{done:07d}.pt", state.model)
+            except OSError as e:  # a full disk, a folder turned read-only: stop with the path and the free space
+                raise TrainError(f"{e}. Stopped at {phase} iteration {done}; the last good checkpoint is "
+                                 f"{last_good(state)}. Free some space (or fix the folder), then rerun with "
+                                 f"--resume") from e
             write_plots(cfg, state, paths)
         state.saved = done
     if stopping:

@@ -437,6 +437,20 @@ def run_phase(cfg, phase, model, env, inputs, out_dir) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     state = build_state(cfg, phase, model, env, inputs, paths["last"], max_iter)
     start = runs.restore_state(paths["last"], state) if cfg.resume and paths["last"].is_file() else 0
+    if start >= max_iter > 0:  # a finished phase (--phase all resumed in the joint phase): nothing to run again
+        state.saved = start
+        if main_rank:
+            nxt = "; going on with joint" if phase == "warmup" and cfg.phase == "all" else ""
+            say(f"[train] {phase} is complete ({paths['last']} holds iteration {start} of {max_iter}): skipped{nxt}")
+        if main_rank and not paths["model_final"].is_file():  # killed between last.pt and model_final.pt
+            checkpoints.save_checkpoint(paths["model_final"], model)
+        evals = [r["eval"] for r in runs.read_metrics(paths["metrics"]) if "eval" in r] \
+            if paths["metrics"].is_file() else []
+        if env.world > 1:
+            dist.barrier()
+        return {"phase": phase, "iterations": max_iter, "start": start, "p_gen": inputs["p_gen"] if joint else 0.0,
+                "eval": evals[-1] if evals else {},
+                **{k: str(v) for k, v in paths.items() if v.is_file() or k == "model_final"}}
     if start:
         state.saved = start
         if main_rank:
@@ -487,6 +501,10 @@ def phase_loop(state, loader, env, inputs, log, say, start, max_iter, paths) -> 
                 log.write({"phase": phase, "iter": done, "lr": lr, **mean})
                 window = []
             results = runs.after_iteration(state, env, inputs, log, say, stop, done, max_iter, paths) or results
+    except data.DataError as e:  # a bad file found when first drawn (the preflight's --check-images may sample)
+        raise TrainError(f"{data.error_message(e)}\nStopped at {phase} iteration {it}; the last good checkpoint is "
+                         f"{runs.last_good(state)}. Fix or replace the file, then rerun with --resume (and "
+                         f"--check-images to open every input file first)") from None
     except KeyboardInterrupt:  # a second Ctrl-C (or one outside the handler): the iteration is not finished
         kept = f"{paths['last']} (iteration {state.saved}) is kept" if state.saved is not None else \
             "no last.pt was saved in this phase yet"
@@ -511,19 +529,27 @@ def resolved_p_gen(cfg, n_source: int, n_generated: int) -> float:
 
 def train(cfg: TrainConfig, notes=()) -> dict:
     """Run the configured phase(s). `--phase all`: OUT/warmup, then OUT/joint from the warmup weights. The preflight
-    runs first: a run that cannot finish raises Problems before any model is built or any file is written."""
+    runs first: a run that cannot finish raises Problems before any model is built or any file is written. Rank 0
+    then holds OUT/train.lock (runs.OutLock) until the run ends: a second run on the same --out fails at once."""
     env = runs.setup_distributed(cfg.device)
+    lock = None
     try:
         info = preflight.preflight(cfg, env, SOURCES[cfg.source].split,
                                    p_gen_of=lambda n_src, n_gen: resolved_p_gen(cfg, n_src, n_gen))
         out = Path(cfg.out)
         main_rank = env.rank == 0
+        took_over = None
+        if main_rank:  # from here on rank 0 writes to --out: one run at a time (only rank 0 holds the lock)
+            lock = runs.OutLock(out)
+            took_over = lock.acquire()
         if main_rank and cfg.overwrite:  # the old run's files go, so nothing stale mixes with the new run
             for d in {out, *preflight.phase_dirs(cfg).values()}:
                 for name in (*preflight.RUN_FILES, "log.txt", "model_final.pt"):
                     (d / name).unlink(missing_ok=True)
         say = runs.RunLog(out / "log.txt", main_rank)
         runs.log_start(say, cfg, info, notes)
+        if took_over:
+            say(f"[train] note: {took_over}")
         inputs = prepare_inputs(cfg, env)
         inputs.update(say=say)
         torch.manual_seed(cfg.seed)  # identical random init on every rank (DDP also broadcasts rank 0's weights)
@@ -547,13 +573,35 @@ def train(cfg: TrainConfig, notes=()) -> dict:
                     results[phase] = run_phase(cfg, phase, model, env, inputs,
                                                out / phase if cfg.phase == "all" else out)
             except TrainError as e:
-                say(f"[train] {e}", echo=False)  # main prints it
+                try:
+                    say(f"[train] {e}", echo=False)  # main prints it
+                except OSError:  # a full disk may refuse the log line too; the message still reaches main
+                    pass
                 raise
+        if main_rank:
+            say(done_message(cfg, out, results))
         return {"out": str(out), "config": str(out / "config.json"), "phases": results,
                 "final": results[phases[-1]]["eval"]}
     finally:
+        if lock is not None:
+            lock.release()
         if env.started:
             dist.destroy_process_group()
+
+
+def done_message(cfg, out: Path, results: dict) -> str:
+    """The last line of a run: where its files are, and the command that evaluates the final model."""
+    what = {"model_final": "model_final.pt (the trained model)", "last": "last.pt (for --resume)",
+            "metrics": "metrics.jsonl", "curves": "curves.png", "pseudo_labels": "pseudo_labels.png"}
+    present = {k for r in results.values() for k in what if k in r and Path(r[k]).is_file()}
+    files = ", ".join(v for k, v in what.items() if k in present)
+    where = (f"{out}/ holds config.json and log.txt; " + " and ".join(f"{out / ph}/" for ph in results)
+             + f" hold {files}") if cfg.phase == "all" else f"{out}/ holds config.json, log.txt, {files}"
+    final = Path(results[list(results)[-1]]["model_final"])
+    short = f" --short-side {cfg.test_short_side}" if cfg.test_short_side != 1024 else ""
+    return (f"[train] done: {where}. Evaluate the final model with\n"
+            f"  python evaluate.py --weights {final} --datasets {' '.join(cfg.eval_sets)} --data-root "
+            f"{cfg.data_root}{short}")
 
 
 def main(argv=None) -> dict:
@@ -573,6 +621,12 @@ def main(argv=None) -> dict:
             raise
         print(f"train.py: {e}" if not isinstance(e, Problems) else e, file=sys.stderr, flush=True)
         raise SystemExit(2 if isinstance(e, Problems) else 130 if isinstance(e, Interrupted) else 1) from None
+    except OSError as e:  # e.g. a full disk under log.txt, metrics.jsonl or a plot: one line, exit 1
+        if cfg.debug:
+            raise
+        print(f"train.py: {runs.os_error_message(e, cfg.out)}. Then rerun the same command (with --resume once the "
+              f"run has started)", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -115,6 +115,10 @@ class TrainConfig:
     source_factor: float = _field(1.0, "official DATASETS.SOURCE_FACTOR")
     p_gen: Optional[float] = _field(None, "share of generated samples; None = from the repeat factors (§1.6)")
     workers: int = _field(4, "official DATALOADER.NUM_WORKERS")
+    check_images: Optional[bool] = _field(None, "open the input files before the run (generated images, source and "
+                                          "evaluation labels, image headers): default all when that takes < 1%% of "
+                                          "the run's data loading (at least 1 s), else a random sample; "
+                                          "--check-images: all; --no-check-images: none")
     # self-training (reference §4, §5)
     ema_alpha: float = _field(0.999, "official SAM.ALPHA_EMA")
     ema_every: int = _field(100, "official ITERATION_UPDATE")

@@ -56,7 +56,7 @@ def test_parse_llm_prompts():
 
 
 def test_llm_load_error_offline(tmp_path):
-    with pytest.raises(RuntimeError, match="huggingface-cli download") as err:
+    with pytest.raises(RuntimeError, match="hf download") as err:
         generate.load_llm(str(tmp_path / "no-such-llm"))
     assert "--llm /path/to/llm" in str(err.value) and err.value.__cause__ is not None
 
@@ -131,7 +131,7 @@ def test_missing_model_offline_error(tmp_path):
     with pytest.raises(RuntimeError, match="--model /path/to/stable-diffusion-2") as err:
         generate.main(["--out", str(tmp_path), "--model", "nobody/no-such-diffusion-model", "--num-images", "1",
                        "--no-progress", "--debug"])
-    assert "huggingface-cli download nobody/no-such-diffusion-model" in str(err.value)
+    assert "hf download nobody/no-such-diffusion-model" in str(err.value)
     assert err.value.__cause__ is not None
 
 

@@ -71,6 +71,8 @@ class EvalConfig:
         "help": "--images: replace prediction files already in --save-pred (otherwise refused)"})
     debug: bool = field(default=False, metadata={
         "help": "show the Python traceback of an error"})
+    tf32: bool = field(default=True, metadata={  # the same flags as train.py --tf32 (its default)
+        "help": "TF32 matmuls/convolutions on CUDA, as in training (train.py --tf32, on by default)"})
 
     def __post_init__(self):
         self.datasets = tuple(self.datasets)
@@ -252,43 +254,76 @@ def save_prediction(pred, save_dir, name) -> None:
     data.save_png(data.colorize(pred), save_dir / f"{name}_color.png")
 
 
+class Stopped(Exception):
+    """evaluate_model's `stop()` returned True (a stop signal during an evaluation inside training)."""
+
+
+STOP_POLL = 16  # images between two stop polls of evaluate_model
+
+
+def _confusion_counts(pred, gt, num_classes: int = data.NUM_CLASSES, ignore_index: int = data.IGNORE_INDEX):
+    """confusion_matrix without its checks and without a host synchronization: int64 (C*C + 1,) on the tensors'
+    device, the flattened matrix and then the number of non-ignored pixels with a label or prediction outside
+    [0, C) (evaluate_model checks that count once, at the end)."""
+    C = num_classes
+    pred, gt = pred.reshape(-1).long(), gt.to(pred.device).reshape(-1).long()
+    valid = gt != ignore_index
+    ok = valid & (gt >= 0) & (gt < C) & (pred >= 0) & (pred < C)
+    index = torch.where(ok, gt * C + pred, torch.where(valid, C * C, C * C + 1))  # C*C: bad, C*C+1: ignored
+    return torch.zeros(C * C + 2, dtype=torch.int64, device=pred.device).index_add_(
+        0, index, torch.ones_like(index))[:C * C + 1]
+
+
 @torch.inference_mode()
-def evaluate_model(model, dataset, device="cpu", progress: bool = True, save_dir=None, num_workers: int = 0) -> dict:
+def evaluate_model(model, dataset, device="cpu", progress: bool = True, save_dir=None, num_workers: int = 0,
+                   loader=None, stop=None) -> dict:
     """Score `model.predict` on a dataset whose transform already resizes to the test size (data.TestTransform).
 
     Args:
         model: has .predict(images uint8 (1, 3, H, W)) -> int64 (1, H, W) train ids, .eval(), .to().
         dataset: data.SegDataset; each sample's label is the GT at the evaluated resolution.
         save_dir: when set, predictions are written there by save_prediction.
+        loader: an iterable of this rank's samples to use instead of a new DataLoader (runs.EvalLoader keeps its
+            workers between evaluations).
+        stop: a callable polled every STOP_POLL images (at the same images on every rank, so it may be a
+            collective); True raises Stopped.
     Returns: compute_metrics(conf) plus "conf" (int64 (19, 19), summed over ranks when torch.distributed is up:
-        rank r scores the indices r::world).
+        rank r scores the indices r::world). No host synchronization per image: the counts stay on `device`.
     """
     rank, world = _dist_info()
     indices = list(range(rank, len(dataset), world))
+    common = len(dataset) // world  # every rank scores at least this many images: the polls happen on all of them
     cuda = torch.device(device).type == "cuda"
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=None,
-                                         num_workers=num_workers, pin_memory=cuda)  # pinned: asynchronous copies
+    if loader is None:
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=None,
+                                             num_workers=num_workers, pin_memory=cuda)  # pinned: asynchronous copies
     was_training = getattr(model, "training", False)
     model.eval()
-    conf = torch.zeros(data.NUM_CLASSES, data.NUM_CLASSES, dtype=torch.int64, device=device)
+    counts = torch.zeros(data.NUM_CLASSES ** 2 + 1, dtype=torch.int64, device=device)
     desc = f"eval {getattr(dataset, 'name', '')}"
     try:
-        for sample in tqdm(loader, total=len(indices), desc=desc, disable=not progress or rank > 0):
+        for i, sample in enumerate(tqdm(loader, total=len(indices), desc=desc, disable=not progress or rank > 0)):
+            if stop is not None and i % STOP_POLL == 0 and i < common and stop():
+                raise Stopped(f"stopped at image {i} of {desc}")
             label = sample["label"].to(device, non_blocking=True)
             image = sample["image"][None].to(device, non_blocking=True)
             pred = model.predict(image)  # §8.1: batch 1, whole image, (1, H, W)
             if tuple(pred.shape) != (1, *label.shape):
                 raise RuntimeError(f"model.predict returned {tuple(pred.shape)} for {sample['path']}; expected "
                                    f"(1, {label.shape[0]}, {label.shape[1]})")
-            conf += confusion_matrix(pred[0], label)
+            counts += _confusion_counts(pred[0], label)
             if save_dir is not None:
                 save_prediction(pred[0], save_dir, sample["name"])
     finally:
         if was_training:
             model.train()
     if world > 1:
-        conf = _all_reduce(conf)
-    conf = conf.cpu()
+        counts = _all_reduce(counts)
+    counts = counts.cpu()
+    if counts[-1]:
+        raise ValueError(f"{int(counts[-1])} pixels of {desc} have a label or prediction outside [0, "
+                         f"{data.NUM_CLASSES}) (ignore index {data.IGNORE_INDEX})")
+    conf = counts[:-1].reshape(data.NUM_CLASSES, data.NUM_CLASSES)
     return {**compute_metrics(conf), "conf": conf}
 
 
@@ -435,6 +470,8 @@ def _run(argv) -> dict:
     rank, _ = _dist_info()
     results = {}
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if torch.device(device).type == "cuda":  # as train.py sets them: the same speed and the same last digits
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     if cfg.images:
         n = predict_images(load_model(cfg).to(device), list_images(cfg.images), cfg.save_pred, device,
                            cfg.short_side, cfg.progress)

@@ -174,15 +174,36 @@ class SamPointPredictor:
         coords = pred.transform.apply_coords_torch(points, (h, w))  # image pixels -> encoder input frame
         masks, scores = [], []
         for start in range(0, len(coords), self.chunk_size):
-            c = coords[start:start + self.chunk_size]                  # (p, K, 2)
-            labels = torch.ones(c.shape[:2], dtype=torch.int64, device=c.device)  # §5.2: all points positive
-            m, s, _ = pred.predict_torch(c, labels, multimask_output=multimask)  # (p, M, H, W), (p, M)
+            c = coords[start:start + self.chunk_size]                  # (p, K, 2), §5.2: all points positive
+            m, s = _predict_positive_points(pred, c, multimask)        # (p, M, H, W), (p, M)
             masks.append(m)
             scores.append(s.float())
         if not masks:
             m = 3 if multimask else 1
             return torch.zeros(0, m, h, w, dtype=torch.bool, device=pred.device), torch.zeros(0, m, device=pred.device)
         return torch.cat(masks), torch.cat(scores)                     # on the model's device
+
+
+def _predict_positive_points(pred, coords, multimask):
+    """SamPredictor.predict_torch(coords, all-positive labels, multimask_output=multimask)[:2], the same numbers
+    without its host synchronizations: segment_anything's prompt encoder adds the label embeddings through boolean
+    masks (`emb[labels == 1] += w`: two synchronizations per label value and chunk on a GPU). With positive points
+    and SAM's padding point (label -1) the rows are known: the points get point_embeddings[1], the padding point
+    not_a_point_embed. coords (p, K, 2) in the encoder's input frame -> masks bool (p, M, H, W), scores (p, M)."""
+    if not pred.is_image_set:
+        raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+    model, enc = pred.model, pred.model.prompt_encoder
+    p = coords.shape[0]
+    points = torch.cat([coords + 0.5, torch.zeros((p, 1, 2), device=coords.device)], 1)  # + the padding point
+    emb = enc.pe_layer.forward_with_coords(points, enc.input_image_size)                  # (p, K+1, C)
+    sparse = torch.cat([emb[:, :-1] + enc.point_embeddings[1].weight,                   # label 1: the points
+                        enc.not_a_point_embed.weight.expand(p, 1, -1)], 1)              # label -1: 0 + embed
+    dense = enc.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(p, -1, *enc.image_embedding_size)
+    low_res, scores = model.mask_decoder(image_embeddings=pred.features, image_pe=enc.get_dense_pe(),
+                                         sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                         multimask_output=multimask)
+    masks = model.postprocess_masks(low_res, pred.input_size, pred.original_size)
+    return masks > model.mask_threshold, scores
 
 
 def _hwc_numpy(image) -> np.ndarray:
@@ -290,9 +311,10 @@ def _refine(image, label, predictor, cfg: RefineConfig, generator):
     # official bug (reference §9.7): classes were re-assigned from per-class component counts that included
     # components without points, shifting masks to wrong classes; each prompt carries its own component id here
     prompt_class = comp_class[comp_ids.long()].to(selected.device)            # (P,)
-    classes = prompt_class.unique()                                           # ascending
-    out = torch.stack([selected[prompt_class == c].any(0) for c in classes])  # §5.3.4: per-class union (K, H, W)
-    return classes.to(label.device), out.to(label.device), True
+    classes, which = prompt_class.unique(return_inverse=True)                # ascending (K,); class row per prompt
+    out = torch.zeros(len(classes), selected[0].numel(), dtype=torch.int16, device=selected.device)
+    out = out.index_add_(0, which, selected.flatten(1).to(torch.int16)) > 0  # §5.3.4: per-class union (K, H*W)
+    return classes.to(label.device), out.view(-1, *selected.shape[1:]).to(label.device), True
 
 
 def pseudo_label_target(image, label, predictor, cfg: RefineConfig = None, generator=None) -> dict:

@@ -126,6 +126,8 @@ SYNC_OPS = {torch.nonzero: "nonzero", T.nonzero: "nonzero", torch.argwhere: "non
             torch.masked_select: "masked_select", T.masked_select: "masked_select", torch.bincount: "bincount",
             T.bincount: "bincount", torch.equal: "equal", T.equal: "equal", torch.allclose: "allclose",
             T.allclose: "allclose", T.is_nonzero: "is_nonzero", T.__contains__: "in", torch.histc: "histc"}
+# our CUDA kernels that read a size back inside C++ (csrc/connected_components.cpp: the number of components)
+INTERNAL_SYNCS = {"clouds::connected_components": "connected_components (C++)"}
 INDEXING = {T.__getitem__, T.__setitem__, T.index_put_, T.index_put, torch.index_put}
 FACTORIES_FROM_DATA = {torch.tensor, torch.as_tensor, T.new_tensor, torch.asarray}
 
@@ -140,21 +142,27 @@ class DeviceMode(TorchFunctionMode):
     # ---- records ----
 
     def _site(self):
-        """file:line (function) of the innermost frame in this repository, outside this file and torch."""
-        frame, first = sys._getframe(2), None
+        """file:line (function) of the innermost frame in this repository, outside this file and torch; prefixed
+        with "[package] " when the innermost frame outside torch is another package's (e.g. segment_anything)."""
+        frame, package = sys._getframe(2), None
         while frame is not None:
             name = frame.f_code.co_filename
-            if name != _HERE and "site-packages" not in name and "/torch/" not in name:
-                try:
-                    rel = Path(name).resolve().relative_to(ROOT)
-                except ValueError:
-                    rel = None
-                if rel is not None:
-                    return f"{rel}:{frame.f_lineno} ({frame.f_code.co_name})"
-            if first is None and "/torch/" not in name and name != _HERE:
-                first = f"{name}:{frame.f_lineno} ({frame.f_code.co_name})"
+            if name != _HERE and "/torch/" not in name:
+                if "site-packages" in name:
+                    package = package or name.split("site-packages/")[-1].split("/")[0]
+                else:
+                    try:
+                        rel = Path(name).resolve().relative_to(ROOT)
+                    except ValueError:
+                        rel = None
+                    if rel is not None:
+                        return (f"[{package}] " if package else "") + f"{rel}:{frame.f_lineno} ({frame.f_code.co_name})"
             frame = frame.f_back
-        return first or "?"
+        return f"[{package}]" if package else "?"
+
+    def ours(self) -> int:
+        """Synchronizations made by this repository's code (not inside another package such as segment_anything)."""
+        return sum(n for (_, site), n in self.summary().items() if not site.startswith("["))
 
     def count(self, kind):
         if self.counting:
@@ -173,7 +181,8 @@ class DeviceMode(TorchFunctionMode):
 
     def report(self) -> str:
         lines = [f"{n:4d}  {kind:22s} {site}" for (kind, site), n in Counter(self.syncs).most_common()]
-        return f"{self.total} synchronizations (async copies listed, not counted)\n" + "\n".join(lines)
+        return (f"{self.total} synchronizations, {self.ours()} of them in this repository's code (async copies "
+                f"listed, not counted)\n" + "\n".join(lines))
 
     # ---- dispatch ----
 
@@ -243,6 +252,8 @@ class DeviceMode(TorchFunctionMode):
             return func(*args, **kwargs)
 
         # ---- ops on device tensors ----
+        if getattr(func, "_qualified_op_name", None) in INTERNAL_SYNCS:
+            self.count(INTERNAL_SYNCS[func._qualified_op_name])
         if func in SYNC_OPS:
             self.count(SYNC_OPS[func])
         elif func in (torch.where, T.where) and len(args) + len(kwargs) == 1:
@@ -313,19 +324,37 @@ class DeviceMode(TorchFunctionMode):
         return _wrap(out) if to_device else _plain(out)
 
 
+def _grouping(group):
+    """torch's grouping of tensors by (device, dtype) reads the C++ device (cpu); a group of device tensors is
+    keyed by DEVICE instead, as a group of CUDA tensors is by its GPU (clip_grad_norm_ moves the norm there)."""
+    def grouped(tensorlistlist, with_indices=False):
+        out = group(tensorlistlist, with_indices)
+        return {((DEVICE if any(_is_dev(t) for tl in value[0] for t in tl if t is not None) else device), dtype):
+                value for (device, dtype), value in out.items()}
+    return grouped
+
+
 @contextlib.contextmanager
 def device_mode(strict=True):
     """Run the body with DEVICE tensors strict (or, strict=False, counted): yields the DeviceMode."""
+    import torch.nn.utils.clip_grad as clip_grad
+    import torch.utils._foreach_utils as foreach_utils
+
     mode = DeviceMode(strict)
     overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
-    generator = torch.Generator
+    saved = {(torch, "Generator"): torch.Generator,
+             (foreach_utils, "_group_tensors_by_device_and_dtype"): foreach_utils._group_tensors_by_device_and_dtype,
+             (clip_grad, "_group_tensors_by_device_and_dtype"): clip_grad._group_tensors_by_device_and_dtype}
     torch.__future__.set_overwrite_module_params_on_conversion(True)  # module.to(DEVICE): new Parameter objects
     torch.Generator = DeviceGenerator
+    for module in (foreach_utils, clip_grad):
+        module._group_tensors_by_device_and_dtype = _grouping(saved[(module, "_group_tensors_by_device_and_dtype")])
     try:
         with mode:
             yield mode
     finally:
-        torch.Generator = generator
+        for (module, name), value in saved.items():
+            setattr(module, name, value)
         torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
 
 

@@ -364,9 +364,11 @@ class StopFlag:
             return
         if self.finished:  # last.pt is saved and every rank waited for it: exit as the stop said
             if self.linger:
+                code = exit_code(self.signum)
+                print(f"[train] {signal.Signals(signum).name} while exiting after the stop: exit {code} now",
+                      file=sys.stderr, flush=True)
                 sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(exit_code(self.signum))
+                os._exit(code)
             return
         if self.signum is None:
             self.signum, self.since = signum, time.monotonic()

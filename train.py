@@ -581,8 +581,10 @@ def main(argv=None) -> dict:
     except (Problems, TrainError, Interrupted) as e:
         if cfg.debug:
             raise
-        print(f"train.py: {e}" if not isinstance(e, Problems) else e, file=sys.stderr, flush=True)
-        raise SystemExit(2 if isinstance(e, Problems) else e.code if isinstance(e, Interrupted) else 1) from None
+        code = 2 if isinstance(e, Problems) else e.code if isinstance(e, Interrupted) else 1
+        print(e if isinstance(e, Problems) else f"train.py: {e}" + (f" (exit {code})" if code != 1 else ""),
+              file=sys.stderr, flush=True)
+        raise SystemExit(code) from None
 
 
 if __name__ == "__main__":

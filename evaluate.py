@@ -462,6 +462,13 @@ def preflight(cfg: EvalConfig) -> list:
     return problems
 
 
+def set_tf32(device, tf32: bool):
+    """On CUDA, TF32 matmuls and cuDNN convolutions on or off, as train.py sets them (--tf32, on by default): the
+    same speed and the same last digits as the evaluations during training."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+
+
 def _run(argv) -> dict:
     cfg = parse_args(argv)
     problems = preflight(cfg)
@@ -470,8 +477,7 @@ def _run(argv) -> dict:
     rank, _ = _dist_info()
     results = {}
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    if torch.device(device).type == "cuda":  # as train.py sets them: the same speed and the same last digits
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+    set_tf32(device, cfg.tf32)
     if cfg.images:
         n = predict_images(load_model(cfg).to(device), list_images(cfg.images), cfg.save_pred, device,
                            cfg.short_side, cfg.progress)

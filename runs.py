@@ -114,7 +114,8 @@ def barrier(env):
 
 
 def setup_distributed(device_name: str) -> Env:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK/MASTER_*; NCCL on GPUs, gloo on CPU."""
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK/MASTER_*; NCCL on GPUs, gloo on CPU ($CLOUDS_DIST_BACKEND overrides);
+    with NCCL, a gloo group beside it (Env.control) carries the stop flag and the barriers without GPU syncs."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device_name == "auto":
@@ -126,8 +127,8 @@ def setup_distributed(device_name: str) -> Env:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     started, control = False, None
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if world > 1 and not dist.is_initialized():  # CLOUDS_DIST_BACKEND=gloo: several ranks on one GPU (NCCL refuses)
+        dist.init_process_group(os.environ.get("CLOUDS_DIST_BACKEND") or ("nccl" if device.type == "cuda" else "gloo"))
         started = True
     if world > 1 and dist.get_backend() != "gloo":  # stop flags and barriers on the CPU, beside NCCL
         control = dist.new_group(backend="gloo")

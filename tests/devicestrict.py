@@ -30,6 +30,7 @@ Usage:
     with device_mode() as mode:          # strict
         model.to(DEVICE); ...            # run code; a hidden sync raises HostSyncError naming the call site
     python tests/devicestrict.py         # the sync count of one joint iteration at batch 8 (see count_joint_syncs)
+    python tests/devicestrict.py --device cuda   # the same on a GPU, counted by torch.cuda.set_sync_debug_mode
 """
 import contextlib
 import os
@@ -70,6 +71,26 @@ class DeviceGenerator(torch.Generator):
     @property
     def device(self):
         return self._device
+
+
+def repo_site(frame) -> str:
+    """file:line (function) of the innermost frame in this repository, outside this file and torch; prefixed with
+    "[package] " when the innermost frame outside torch is another package's (e.g. segment_anything)."""
+    package = None
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if name != _HERE and "/torch/" not in name and "warnings" not in Path(name).name:
+            if "site-packages" in name:
+                package = package or name.split("site-packages/")[-1].split("/")[0]
+            else:
+                try:
+                    rel = Path(name).resolve().relative_to(ROOT)
+                except ValueError:
+                    rel = None
+                if rel is not None:
+                    return (f"[{package}] " if package else "") + f"{rel}:{frame.f_lineno} ({frame.f_code.co_name})"
+        frame = frame.f_back
+    return f"[{package}]" if package else "?"
 
 
 def _is_dev(x):
@@ -142,23 +163,7 @@ class DeviceMode(TorchFunctionMode):
     # ---- records ----
 
     def _site(self):
-        """file:line (function) of the innermost frame in this repository, outside this file and torch; prefixed
-        with "[package] " when the innermost frame outside torch is another package's (e.g. segment_anything)."""
-        frame, package = sys._getframe(2), None
-        while frame is not None:
-            name = frame.f_code.co_filename
-            if name != _HERE and "/torch/" not in name:
-                if "site-packages" in name:
-                    package = package or name.split("site-packages/")[-1].split("/")[0]
-                else:
-                    try:
-                        rel = Path(name).resolve().relative_to(ROOT)
-                    except ValueError:
-                        rel = None
-                    if rel is not None:
-                        return (f"[{package}] " if package else "") + f"{rel}:{frame.f_lineno} ({frame.f_code.co_name})"
-            frame = frame.f_back
-        return f"[{package}]" if package else "?"
+        return repo_site(sys._getframe(2))
 
     def ours(self) -> int:
         """Synchronizations made by this repository's code (not inside another package such as segment_anything)."""
@@ -384,10 +389,27 @@ def joint_argv(toy_root, gen_dir, out, batch_size=8, iters=3, *extra):
             "--p-gen", "0.5", "--iters-joint", str(iters), "--device", str(DEVICE), *extra]
 
 
-def count_joint_syncs(toy_root, gen_dir, out, batch_size=8, dec_layers=9, strict=False, measure=1):
+@contextlib.contextmanager
+def cuda_sync_warnings(mode):
+    """On a GPU: torch.cuda.set_sync_debug_mode("warn") while mode.counting, every warning recorded in mode.syncs
+    as ("cuda sync", call site) (the stack is walked when the warning is shown)."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            mode.count("cuda sync")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        yield
+
+
+def count_joint_syncs(toy_root, gen_dir, out, batch_size=8, dec_layers=9, strict=False, measure=1, device=None):
     """Synchronizations of joint iteration `measure` (from its EMA step to the end of its after_iteration; no
     evaluation or save in it) at `batch_size`, with the official 9 decoder layers (10 predictions) on the tiny
-    preset. Returns (mode, stats of that iteration). SAM is a tiny random segment_anything Sam on the device."""
+    preset. Returns (mode, stats of that iteration). SAM is a tiny random segment_anything Sam on the device.
+    device=None: the CPU emulation (device_mode); "cuda": a real GPU, counted by torch.cuda.set_sync_debug_mode."""
     import clouds
     import refine
     import runs
@@ -398,15 +420,19 @@ def count_joint_syncs(toy_root, gen_dir, out, batch_size=8, dec_layers=9, strict
     patches = {(refine, "build_predictor"): lambda name, checkpoint=None, device="cpu", **kw:
                tiny_sam_predictor(device),
                (refine, "predictor_problems"): lambda *a, **k: []}
-    result = {}
-    with device_mode(strict) as mode:
+    result, cuda = {}, device is not None and str(device).startswith("cuda")
+    with (device_mode(strict) if not cuda else contextlib.nullcontext(DeviceMode(False))) as mode, \
+            (cuda_sync_warnings(mode) if cuda else contextlib.nullcontext()):
         mode.counting = False
         teacher_step, after = train.teacher_step, runs.after_iteration
 
         def start(teacher, student, it, *args):
-            mode.counting = it == measure
-            if mode.counting:
+            if it == measure:
                 mode.reset()
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.set_sync_debug_mode("warn")
+            mode.counting = it == measure
             return teacher_step(teacher, student, it, *args)
 
         def end(state, env, inputs, log, say, stop, done, *args):
@@ -415,6 +441,8 @@ def count_joint_syncs(toy_root, gen_dir, out, batch_size=8, dec_layers=9, strict
             finally:
                 if done == measure + 1:
                     mode.counting = False
+                    if cuda:
+                        torch.cuda.set_sync_debug_mode(0)
                     result["syncs"] = list(mode.syncs)
 
         step = train.train_step
@@ -431,8 +459,11 @@ def count_joint_syncs(toy_root, gen_dir, out, batch_size=8, dec_layers=9, strict
             saved[(module, name)] = getattr(module, name)
             setattr(module, name, value)
         try:
-            train.main(joint_argv(toy_root, gen_dir, out, batch_size, measure + 2, "--eval-every", "0",
-                                  "--no-plots", "--save-every", "1000"))
+            argv = joint_argv(toy_root, gen_dir, out, batch_size, measure + 2, "--eval-every", "0", "--no-plots",
+                              "--save-every", "1000")
+            if cuda:
+                argv[argv.index("--device") + 1] = str(device)
+            train.main(argv)
         finally:
             for (module, name), value in saved.items():
                 setattr(module, name, value)
@@ -449,6 +480,10 @@ def main():
     parser = argparse.ArgumentParser(description="host synchronizations of one joint iteration (CPU emulation)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--strict", action="store_true", help="raise on implicit conversions instead of counting")
+    parser.add_argument("--device", default="emulated",
+                        help="emulated (device tensors on the CPU) or cuda[:N] (a GPU, torch.cuda.set_sync_debug_mode)")
+    parser.add_argument("--data-root", default=None, help="a datasets root with gta5/ (default: ToyCity, written)")
+    parser.add_argument("--synthetic", default=None, help="generated images (default: toy ones, written)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(Path(__file__).parent))
@@ -459,15 +494,17 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        toycity.build(tmp / "toy", seed=0, num_images=3, workers=1, progress=False)
-        for name in ("gta", "cityscapes"):
-            data.convert(name, tmp / "toy", nproc=1, progress=False)
-        generate.main(["--backend", "toy", "--out", str(tmp / "gen"), "--num-images", "4", "--height", "64",
-                       "--width", "64", "--no-progress"])
-        mode, stats = count_joint_syncs(tmp / "toy", tmp / "gen", tmp / "run" / "out", args.batch_size,
-                                        strict=args.strict)
-    print(f"joint iteration at batch {args.batch_size} ({stats['n_gen'] if stats else '?'} generated): "
-          + mode.report())
+        root, gen = Path(args.data_root or tmp / "toy"), Path(args.synthetic or tmp / "gen")
+        if not args.data_root:
+            toycity.build(root, seed=0, num_images=3, workers=1, progress=False)
+            data.convert("gta", root, nproc=1, progress=False)
+        if not args.synthetic:
+            generate.main(["--backend", "toy", "--out", str(gen), "--num-images", "4", "--height", "64", "--width",
+                           "64", "--no-progress"])
+        mode, stats = count_joint_syncs(root, gen, tmp / "run" / "out", args.batch_size,
+                                        strict=args.strict, device=None if args.device == "emulated" else args.device)
+    print(f"joint iteration at batch {args.batch_size} on {args.device} ({stats['n_gen'] if stats else '?'} "
+          f"generated): " + mode.report())
 
 
 if __name__ == "__main__":

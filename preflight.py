@@ -135,8 +135,8 @@ def ops_problems(cfg, env, others=False) -> tuple:
         ops.fallback(problem)
         return [], [f"warning: csrc/ does not build for CUDA: {problem}; --allow-ops-fallback: training with the "
                     f"pure-PyTorch ops (several times slower)"]
-    return [f"csrc/ (the fused CUDA ops) does not build: {problem}\nfix: see the error (DEVELOPERS.md: Building csrc/), "
-            f"or pass --allow-ops-fallback to train with the pure-PyTorch ops (several times slower)"], []
+    return [f"csrc/ (the fused CUDA ops) does not build: {problem}\nfix: see the error (DEVELOPERS.md: Building "
+            f"csrc/), or pass --allow-ops-fallback to train with the pure-PyTorch ops (several times slower)"], []
 
 
 def input_problems(cfg, split, p_gen_of) -> tuple:

@@ -5,9 +5,11 @@ Environment:
   HOOKS_DIR   this rank writes there: out_<rank>.log (its stdout and stderr), pid_<rank> (its process id),
               done_<rank>_<iteration> after each iteration, eval_<rank> when an evaluation starts,
               evalimg_<rank> (a line per image it reads),
-              preflight_<rank> (the time its preflight returned)
+              preflight_<rank> (the time its preflight returned), saved_<rank> (after it wrote last.pt),
+              stopped_<rank> (when a stop reached it, after the barrier)
   HOOKS_SLOW  seconds to sleep after each iteration and before each evaluation image (so a signal lands there)
   HOOKS_DELAY_RANK1_PREFLIGHT  seconds rank 1's preflight waits before it checks (the preflight race)
+  HOOKS_SLOW_SAVE  seconds every save of last.pt takes longer
 """
 import os
 import runpy
@@ -30,13 +32,24 @@ import preflight  # noqa: E402
 import runs  # noqa: E402
 
 after_iteration, evaluate_model, check = runs.after_iteration, evaluate.evaluate_model, preflight.preflight
+save_state = runs.save_state
 
 
 def after(state, env, inputs, log, say, stop, done, *args, **kwargs):
-    result = after_iteration(state, env, inputs, log, say, stop, done, *args, **kwargs)
+    try:
+        result = after_iteration(state, env, inputs, log, say, stop, done, *args, **kwargs)
+    except runs.Interrupted:
+        (hooks / f"stopped_{rank}").write_text(repr(time.time()))
+        raise
     (hooks / f"done_{rank}_{done}").touch()
     time.sleep(slow)
     return result
+
+
+def slow_save(path, state, iteration):
+    time.sleep(float(os.environ.get("HOOKS_SLOW_SAVE", "0")))
+    save_state(path, state, iteration)
+    (hooks / f"saved_{rank}").write_text(repr(time.time()))
 
 
 def slow_evaluation(model, dataset, *args, loader=None, **kwargs):
@@ -61,5 +74,6 @@ def delayed_preflight(cfg, env, *args, **kwargs):
 
 
 runs.after_iteration, evaluate.evaluate_model, preflight.preflight = after, slow_evaluation, delayed_preflight
+runs.save_state = slow_save
 sys.argv = [str(ROOT / "train.py"), *sys.argv[1:]]
 runpy.run_path(str(ROOT / "train.py"), run_name="__main__")

@@ -205,3 +205,37 @@ def test_stop_during_evaluation_saves_then_resume_redoes_the_evaluation(toy_root
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["iter"], "eval" in r) for r in records] == [(1, False), (2, False), (2, True), (3, False), (3, True)]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # in-process: the handlers are restored
+
+
+def test_repeated_signals():
+    """runs.StopFlag inside the training loop (armed): the first signal only sets the flag; a repeat within
+    REPEAT_GRACE s is a forwarded copy (torchrun re-sends the Ctrl-C its workers already got from the terminal) and is
+    ignored; a later Ctrl-C aborts; repeated SIGTERMs never abort; after the stop is saved (finish) nothing does. Not
+    armed (preparing the run), a signal stops at once."""
+    import signal
+    import time
+
+    def send(sig):
+        os.kill(os.getpid(), sig)
+        time.sleep(0.05)  # the handler runs in the main thread at the next bytecode
+
+    with runs.StopFlag() as stop:
+        stop.armed = True
+        send(signal.SIGINT)
+        assert stop.signum == signal.SIGINT
+        send(signal.SIGINT)  # the copy torchrun forwards, milliseconds later
+        stop.since -= runs.REPEAT_GRACE + 1
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C, seconds later: abort
+            send(signal.SIGINT)
+    with runs.StopFlag() as stop:
+        stop.armed = True
+        send(signal.SIGTERM)
+        stop.since -= runs.REPEAT_GRACE + 1
+        send(signal.SIGTERM)
+        assert runs.Interrupted("", stop.signum).code == 143 and runs.Interrupted("", signal.SIGINT).code == 130
+        stop.finish()
+        send(signal.SIGINT)
+    with runs.StopFlag() as stop:
+        with pytest.raises(KeyboardInterrupt):
+            send(signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

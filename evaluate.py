@@ -317,13 +317,14 @@ def evaluate_model(model, dataset, device="cpu", progress: bool = True, save_dir
     finally:
         if was_training:
             model.train()
-    if world > 1:
-        counts = _all_reduce(counts)
-    counts = counts.cpu()
-    if counts[-1]:
-        raise ValueError(f"{int(counts[-1])} pixels of {desc} have a label or prediction outside [0, "
-                         f"{data.NUM_CLASSES}) (ignore index {data.IGNORE_INDEX})")
+    bad = int(counts[-1:].cpu()[0])  # checked once per set (validated labels and an argmax make it 0)
+    if bad:
+        raise ValueError(f"{bad} pixels of {desc} have a label or prediction outside [0, {data.NUM_CLASSES}) "
+                         f"(ignore index {data.IGNORE_INDEX})")
     conf = counts[:-1].reshape(data.NUM_CLASSES, data.NUM_CLASSES)
+    if world > 1:
+        conf = _all_reduce(conf)
+    conf = conf.cpu()
     return {**compute_metrics(conf), "conf": conf}
 
 

@@ -360,7 +360,8 @@ def component_offsets(components):
 # ---- point prompts (reference §5.2.2) ----
 
 
-def sample_points(components, comp_area, num_points=5, min_area=5000, mode="random", generator=None, impl="auto"):
+def sample_points(components, comp_area, num_points=5, min_area=5000, mode="random", generator=None, impl="auto",
+                  exact_area=False):
     """Positive point prompts for every component with area > min_area, without a per-component mask.
 
     Args:
@@ -373,23 +374,29 @@ def sample_points(components, comp_area, num_points=5, min_area=5000, mode="rand
         generator: torch.Generator, an int seed, or None (torch's default RNG). Drawn as float64 uniforms
             (P, num_points [- 1 for interior]), P = number of components with area > min_area, so the ext and ref
             paths consume the generator alike and return the same points.
+        exact_area: comp_area counts each component's pixels in `components` exactly (not eroded). With comp_area
+            on the host (components on a GPU), which components get points is then known on the host: no
+            synchronization at all.
     Returns:
-        points int64 (P', num_points, 2) in (x, y) pixel order within the image; comp_ids int64 (P',) ascending: the
-        component of each row. Components with fewer than num_points pixels left in `components` get no row
-        (official bug §9.7 miscounted them; comp_ids always names the component).
+        points int64 (P', num_points, 2) in (x, y) pixel order within the image, on the components' device;
+        comp_ids int64 (P',) ascending, on comp_area's device: the component of each row. Components with fewer than
+        num_points pixels left in `components` get no row (official bug §9.7 miscounted them; comp_ids always names
+        the component).
     """
     components, comp_area, candidates, uniforms = _prepare_points(components, comp_area, num_points, min_area, mode,
                                                                   generator)
-    args = (components, candidates, uniforms, comp_area.numel(), num_points, mode == "interior")
+    args = (components, candidates.to(components.device, non_blocking=True), uniforms, comp_area.numel(), num_points,
+            mode == "interior")
     idx = torch.ops.clouds.sample_points(*args) if _use_ext(impl) else _sample_pixels_ref(*args)
-    return _points_from_pixels(idx, candidates, components.shape)
+    return _points_from_pixels(idx, candidates, components.shape, comp_area if exact_area else None, num_points)
 
 
 def sample_points_ref(components, comp_area, num_points=5, min_area=5000, mode="random", generator=None):
     """Specification of sample_points (same arguments and results); see _sample_pixels_ref."""
     components, comp_area, candidates, uniforms = _prepare_points(components, comp_area, num_points, min_area, mode,
                                                                   generator)
-    idx = _sample_pixels_ref(components, candidates, uniforms, comp_area.numel(), num_points, mode == "interior")
+    idx = _sample_pixels_ref(components, candidates.to(components.device), uniforms, comp_area.numel(), num_points,
+                             mode == "interior")
     return _points_from_pixels(idx, candidates, components.shape)
 
 
@@ -407,19 +414,25 @@ def _prepare_points(components, comp_area, num_points, min_area, mode, generator
     if isinstance(generator, int):
         generator = torch.Generator().manual_seed(generator)
     components = components.to(torch.int32)
-    candidates = torch.nonzero(comp_area > min_area).flatten().to(components.device)  # Sec. 3.3: area > 5000
+    candidates = torch.nonzero(comp_area > min_area).flatten()  # Sec. 3.3: area > 5000; on comp_area's device
     rand_device = generator.device if generator is not None else "cpu"
     uniforms = torch.rand((candidates.numel(), num_points - (mode == "interior")), generator=generator,
                           dtype=torch.float64, device=rand_device).to(components.device, non_blocking=True)
     return components, comp_area, candidates, uniforms
 
 
-def _points_from_pixels(idx, candidates, shape):
+def _points_from_pixels(idx, candidates, shape, exact_area=None, num_points=None):
+    """Rows of idx with points (-1 rows: components with too few pixels) -> xy points, and their component ids on
+    the candidates' device. Those rows are read from the device (one synchronization on a GPU) unless `exact_area`
+    (the pixel count of every component, beside the candidates) tells them."""
     H, W = shape[-2:]
-    keep = torch.nonzero(idx[:, 0] >= 0).flatten()                             # one synchronization on a GPU
-    idx = idx[keep]
+    if exact_area is not None:
+        keep = torch.nonzero(exact_area[candidates] >= num_points).flatten()   # where the candidates are
+    else:
+        keep = torch.nonzero(idx[:, 0] >= 0).flatten()                         # one synchronization on a GPU
+    idx = idx[keep.to(idx.device, non_blocking=True)]
     points = torch.stack([idx % W, (idx // W) % H], -1)                        # (P, K, 2) xy
-    return points, candidates[keep]
+    return points, candidates[keep.to(candidates.device)]
 
 
 def _draw_ranks(n, u):

@@ -294,11 +294,15 @@ def _refine(image, label, predictor, cfg: RefineConfig, generator):
     # §5.2.1: per-class connected components (4-connectivity, like scipy.ndimage.label's default)
     components, comp_class, comp_area = ops.connected_components(label, connectivity=cfg.connectivity,
                                                                  ignore_index=IGNORE_INDEX)
+    # the class and area of every component, on the host in one transfer: which components get prompts and of which
+    # class is then decided there (the only synchronization of the refinement besides the component count)
+    comp_class, comp_area = torch.stack([comp_class, comp_area]).cpu()
     if cfg.erosion:  # §5.2.2: points from the eroded component; the area threshold uses the full area
         components = erode_components(components, cfg.erosion_size)
     # §5.2.2: num_points random positive points per component with area > min_area (and enough pixels left)
     points, comp_ids = ops.sample_points(components, comp_area, num_points=cfg.num_points, min_area=cfg.min_area,
-                                         mode=cfg.mode, generator=generator)   # (P, K, 2) xy, (P,)
+                                         mode=cfg.mode, generator=generator,
+                                         exact_area=not cfg.erosion)  # (P, K, 2) xy on the label's device, (P,) host
     if len(comp_ids) == 0:  # §5.2.4: no prompt -> fall back to the unrefined teacher pseudo label
         return (*teacher_masks(label), False)
     # §5.3.1-2: one batched call, 3 candidates per prompt, keep the highest predicted IoU
@@ -310,11 +314,11 @@ def _refine(image, label, predictor, cfg: RefineConfig, generator):
         selected &= (selected.sum(0, dtype=torch.int16) < 2)[None]
     # official bug (reference §9.7): classes were re-assigned from per-class component counts that included
     # components without points, shifting masks to wrong classes; each prompt carries its own component id here
-    prompt_class = comp_class[comp_ids.long()].to(selected.device)            # (P,)
-    classes, which = prompt_class.unique(return_inverse=True)                # ascending (K,); class row per prompt
+    classes, which = comp_class[comp_ids.long()].unique(return_inverse=True)  # on the host: ascending (K,), row
+    which = which.to(selected.device, non_blocking=True)                     # of each prompt's class
     out = torch.zeros(len(classes), selected[0].numel(), dtype=torch.int16, device=selected.device)
     out = out.index_add_(0, which, selected.flatten(1).to(torch.int16)) > 0  # §5.3.4: per-class union (K, H*W)
-    return classes.to(label.device), out.view(-1, *selected.shape[1:]).to(label.device), True
+    return (classes.to(label.device, non_blocking=True), out.view(-1, *selected.shape[1:]).to(label.device), True)
 
 
 def pseudo_label_target(image, label, predictor, cfg: RefineConfig = None, generator=None) -> dict:

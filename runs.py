@@ -35,8 +35,8 @@ import evaluate
 class Problems(Exception):
     """What stops a run from starting, as one message (main prints it and exits 2; --debug shows the traceback)."""
 
-    def __init__(self, problems):
-        self.problems = list(problems)
+    def __init__(self, problems, quiet=False):
+        self.problems, self.quiet = list(problems), quiet  # quiet: main prints nothing (another rank's problems)
         n = len(self.problems)
         lines = [f"train.py cannot start: {n} problem{'s' * (n > 1)} (fix each, then rerun the same command)"]
         lines += [f"  {i}. " + p.replace("\n", "\n     ") for i, p in enumerate(self.problems, 1)]
@@ -580,10 +580,11 @@ def after_iteration(state, env, inputs, log, say, stop, done, max_iter, paths, s
     return results
 
 
-def missed_evaluation(cfg, metrics_path, start) -> bool:
+def missed_evaluation(cfg, metrics_path, start, max_iter) -> bool:
     """Whether iteration `start` (a resumed run's) was due an evaluation that metrics.jsonl lacks: a stop signal
     during that evaluation skipped it; the resumed run does it first."""
-    if not (cfg.eval_every and start % cfg.eval_every == 0) or not Path(metrics_path).is_file():
+    due = cfg.eval_every and (start % cfg.eval_every == 0 or start == max_iter)
+    if not due or not Path(metrics_path).is_file():
         return False
     return not any(r.get("iter") == start and "eval" in r for r in read_metrics(metrics_path, lambda *a, **k: None))
 

@@ -15,6 +15,7 @@ Usage:
 """
 import argparse
 import copy
+import os
 import signal
 import sys
 import time
@@ -451,7 +452,7 @@ def phase_loop(state, loader, env, inputs, log, say, start, max_iter, paths) -> 
     bar = tqdm(range(start, max_iter), desc=phase, disable=not (cfg.progress and main_rank), dynamic_ncols=True)
     try:
         stop.armed = True  # a signal from here on lets the iteration finish, then saves last.pt
-        if start and runs.missed_evaluation(cfg, paths["metrics"], start):  # stopped during that evaluation
+        if start and runs.missed_evaluation(cfg, paths["metrics"], start, max_iter):  # a stop cut it short
             results = runs.after_iteration(state, env, inputs, log, say, stop, start, max_iter, paths,
                                            save=False) or results
         for it in bar:
@@ -523,8 +524,9 @@ def _train(cfg, notes, env, stop) -> dict:
         problems = None
     except Problems as e:
         info, problems = None, e
-    if runs.any_rank(env, problems is not None):
-        raise problems or Problems(["another rank cannot start (its message lists why); fix that, then rerun"])
+    if runs.any_rank(env, problems is not None):  # a rank without problems of its own stays quiet (main)
+        raise problems or Problems(["another rank cannot start (its message lists why); fix that, then rerun"],
+                                   quiet=True)
     # ---- from here on rank 0 writes into --out: first the --overwrite deletions, then log.txt, config.json ----
     out = Path(cfg.out)
     if main_rank and cfg.overwrite:  # the old run's files go, so nothing stale mixes with the new run
@@ -582,8 +584,14 @@ def main(argv=None) -> dict:
         if cfg.debug:
             raise
         code = 2 if isinstance(e, Problems) else e.code if isinstance(e, Interrupted) else 1
-        print(e if isinstance(e, Problems) else f"train.py: {e}" + (f" (exit {code})" if code != 1 else ""),
-              file=sys.stderr, flush=True)
+        # one message per job: another rank's problems print on that rank only; a TrainError (every rank raises the
+        # same one) in full on rank 0, as one line on the others; each rank says how it stopped
+        rank = os.environ.get("RANK", "0")
+        if isinstance(e, TrainError) and rank != "0":
+            print(f"train.py: rank {rank}: {runs.first_line(e)}", file=sys.stderr, flush=True)
+        elif not getattr(e, "quiet", False):
+            print(e if isinstance(e, Problems) else f"train.py: {e}" + (f" (exit {code})" if code != 1 else ""),
+                  file=sys.stderr, flush=True)
         raise SystemExit(code) from None
 
 

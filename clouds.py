@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import ops
-from criterion import HungarianMatcher, SetCriterion, point_sample, targets_from_label  # noqa: F401
+from criterion import (HungarianMatcher, SetCriterion, point_sample, targets_from_label,  # noqa: F401
+                       targets_from_labels)
 
 # ---- config ----
 
@@ -169,6 +170,16 @@ class CLIPBackbone(nn.Module):
         else:
             self.clip_model.eval()
 
+    def _apply(self, fn, recurse=True):
+        """Module.to(device) / .cuda() move the image tower only. The text tower runs once, at build time (the
+        `text` classifier's embeddings), and would hold ~0.5 GB (ConvNeXt-L's) on every GPU for nothing; it stays
+        where it is (its weights still load and save with the model). Casts that keep the device apply to all."""
+        probe = fn(torch.zeros(()))
+        if recurse and probe.device != torch.device("cpu"):
+            self.clip_model.visual._apply(fn)
+            return self
+        return super()._apply(fn, recurse)
+
     def train(self, mode=True):
         super().train(mode)
         if not self.trainable:
@@ -291,6 +302,15 @@ def ms_deform_attn(value, shapes, locations, weights, impl="auto"):
     return ops.ms_deform_attn(value, shapes, locations, weights, impl=impl)
 
 
+def level_sizes(shapes, like):
+    """(nL, 2) float (w, h) of each level, on the device of `like`: filled in place from host integers (a
+    torch.tensor(..., device=cuda) would be a blocking host-to-device copy in every attention layer)."""
+    out = torch.empty(len(shapes), 2, dtype=like.dtype, device=like.device)
+    for lvl, (h, w) in enumerate(shapes):
+        out[lvl, 0], out[lvl, 1] = w, h
+    return out
+
+
 class MSDeformAttn(nn.Module):
     def __init__(self, dim, n_levels, n_heads, n_points):
         super().__init__()
@@ -321,7 +341,7 @@ class MSDeformAttn(nn.Module):
         v = self.value_proj(value).view(B, value.shape[1], nH, C // nH)  # (B, S, nH, Dh)
         offsets = self.sampling_offsets(query).view(B, Lq, nH, nL, nP, 2)
         attn = self.attention_weights(query).view(B, Lq, nH, nL * nP).softmax(-1).view(B, Lq, nH, nL, nP)
-        normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=query.dtype, device=query.device)  # (nL, 2)
+        normalizer = level_sizes(shapes, query)  # (nL, 2)
         loc = reference[None, :, None, None, None, :] + offsets / normalizer[None, None, None, :, None, :]
         return self.output_proj(ms_deform_attn(v, shapes, loc, attn))  # (B, Lq, C)
 

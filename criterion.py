@@ -11,6 +11,7 @@ Usage:
     criterion = SetCriterion(19, matcher)
     losses = criterion(outputs, [targets_from_label(label)])   # dict of weighted terms; total = sum(losses.values())
 """
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,12 +57,35 @@ def targets_from_label(label, num_classes=19, ignore_index=255):
 
     Pixels labelled `ignore_index` are in no mask (negatives for every matched mask, as in the official code).
     """
-    label = torch.as_tensor(label).long()
-    classes = label.unique()
-    classes = classes[classes != ignore_index]
-    if len(classes) and (classes.min() < 0 or classes.max() >= num_classes):
-        raise ValueError(f"label values must be in [0, {num_classes - 1}] or {ignore_index}, found {classes.tolist()}")
-    return {"labels": classes, "masks": label[None] == classes[:, None, None]}
+    return targets_from_labels([torch.as_tensor(label)], num_classes, ignore_index)[0]
+
+
+def targets_from_labels(labels, num_classes=19, ignore_index=255) -> list:
+    """targets_from_label of each label map (H, W) in `labels` (tensors on one device), with ONE device-to-host
+    transfer for all of them (which classes each map holds) and one asynchronous copy back, instead of a `unique`
+    per map: the class lists decide the target shapes, so the host must see them once."""
+    if not labels:
+        return []
+    device = labels[0].device
+    C = num_classes
+    present = torch.zeros(len(labels), C + 2, dtype=torch.bool, device=device)  # classes, ignore, invalid values
+    for b, label in enumerate(labels):
+        lab = label.reshape(-1).long()
+        bins = torch.where((lab >= 0) & (lab < C), lab, torch.where(lab == ignore_index, C, C + 1))
+        present[b].scatter_(0, bins, True)
+    present = present.cpu()  # the one synchronization
+    for label, p in zip(labels, present):
+        if p[C + 1]:
+            found = torch.unique(label.cpu().long())
+            raise ValueError(f"label values must be in [0, {C - 1}] or {ignore_index}, found "
+                             f"{found[found != ignore_index].tolist()}")
+    classes = [torch.nonzero(p[:C]).flatten() for p in present]  # host
+    flat, out, start = torch.cat(classes).to(device, non_blocking=True), [], 0
+    for label, c in zip(labels, classes):
+        cls = flat[start:start + len(c)]
+        start += len(c)
+        out.append({"labels": cls, "masks": label[None] == cls[:, None, None]})
+    return out
 
 
 # ---- matcher ----
@@ -81,13 +105,16 @@ class HungarianMatcher:
 
     @torch.no_grad()
     def __call__(self, outputs, targets, generator=None):
+        """Per image (query indices, target indices), int64 on the predictions' device. The cost matrices of all
+        images go to the host in ONE transfer (scipy solves them there); the indices come back in one asynchronous
+        copy."""
         from scipy.optimize import linear_sum_assignment
 
-        indices = []
+        costs, shapes = [], []
         for b, t in enumerate(targets):
             K = len(t["labels"])
             if K == 0:
-                indices.append((torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)))
+                shapes.append((0, 0))
                 continue
             dtype = torch.float64 if outputs["pred_masks"].dtype == torch.float64 else torch.float32  # no autocast
             logits, pred = outputs["pred_logits"][b].to(dtype), outputs["pred_masks"][b].to(dtype)  # (Q,C+1),(Q,h,w)
@@ -104,8 +131,24 @@ class HungarianMatcher:
             p = x.sigmoid() * w
             cost_dice = 1 - (2 * p @ tgt.t() + 1) / (p.sum(-1)[:, None] + tgt.sum(-1)[None, :] + 1)  # (Q, K)
             C = self.cost_mask * cost_mask + self.cost_class * cost_class + self.cost_dice * cost_dice
-            q, k = linear_sum_assignment(C.cpu().numpy())
-            indices.append((torch.as_tensor(q, dtype=torch.long), torch.as_tensor(k, dtype=torch.long)))
+            costs.append(C.reshape(-1))
+            shapes.append((Q, K))
+        device = outputs["pred_masks"].device
+        host = torch.cat(costs).cpu().numpy() if costs else None  # the one synchronization
+        pairs, start = [], 0
+        for Q, K in shapes:
+            q, k = linear_sum_assignment(host[start:start + Q * K].reshape(Q, K)) if K else ((), ())
+            pairs.append((q, k))
+            start += Q * K
+        if not pairs:
+            return []
+        flat = torch.as_tensor(np.concatenate([np.concatenate([q, k]) for q, k in pairs]).astype(np.int64))
+        flat = flat.to(device, non_blocking=True)  # asynchronous: the indices stay on the device from here on
+        indices, start = [], 0
+        for q, _ in pairs:
+            n = len(q)
+            indices.append((flat[start:start + n], flat[start + n:start + 2 * n]))
+            start += 2 * n
         return indices
 
 
@@ -168,12 +211,15 @@ class SetCriterion(nn.Module):
         return loss_mask, loss_dice
 
     def forward(self, outputs, targets, generator=None):
-        # num_masks: total target masks, averaged over ranks, clamped >= 1
-        num_masks = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=outputs["pred_logits"].device)
+        # num_masks: total target masks (known on the host), averaged over ranks, clamped >= 1; with several ranks
+        # a device tensor filled in place (no host copy) and all-reduced without waiting for it
+        num_masks = float(sum(len(t["labels"]) for t in targets))
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(num_masks)
-            num_masks = num_masks / torch.distributed.get_world_size()
-        num_masks = num_masks.clamp(min=1).item()
+            total = torch.full((), num_masks, device=outputs["pred_logits"].device)
+            torch.distributed.all_reduce(total)
+            num_masks = (total / torch.distributed.get_world_size()).clamp(min=1)
+        else:
+            num_masks = max(num_masks, 1.0)
         preds = [("", outputs)]
         if self.deep_supervision:
             preds += [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]

@@ -8,7 +8,7 @@ Usage:
     python data.py convert gta /data/datasets --nproc 8      # writes *_labelTrainIds.png beside the raw labels
     python data.py info cityscapes /data/datasets --split val
     ds = build_dataset("gta", "/data/datasets", transform=TrainTransform())
-    sample = ds.get(0, np.random.default_rng(0))  # {"image" (3,768,768) uint8, "label" (768,768) int64, ...}
+    sample = ds.get(0, np.random.default_rng(0))  # {"image" (3,768,768) uint8, "label" (768,768) uint8, ...}
 """
 import argparse
 import functools
@@ -348,7 +348,7 @@ def nested(a, b) -> bool:
 
 
 class SegDataset(torch.utils.data.Dataset):
-    """Image/label pairs of one dataset. A sample is {"image": uint8 (3, H, W) RGB, "label": int64 (H, W) in
+    """Image/label pairs of one dataset. A sample is {"image": uint8 (3, H, W) RGB, "label": uint8 (H, W) in
     {0..18, 255} (all 255 without labels), "name": image stem, "path": image path}, passed through
     `transform(sample, rng)` when a transform is set."""
 
@@ -381,7 +381,8 @@ class SegDataset(torch.utils.data.Dataset):
             if label.shape != image.shape[:2]:
                 raise DataError(f"size mismatch: image {image_path} is {image.shape[0]}x{image.shape[1]} but label "
                                    f"{label_path} is {label.shape[0]}x{label.shape[1]} (HxW); they must be equal.")
-        sample = {"image": _to_chw(image), "label": torch.from_numpy(label.astype(np.int64)),
+        # (3, H, W) as a view of the decoded (H, W, 3) array: the transforms take it back without a copy
+        sample = {"image": torch.from_numpy(image).permute(2, 0, 1), "label": torch.from_numpy(label),  # uint8
                   "name": Path(image_path).stem, "path": str(image_path)}
         if self.transform is not None:
             sample = self.transform(sample, np.random.default_rng(i) if rng is None else rng)
@@ -427,6 +428,25 @@ def resize_label(label: np.ndarray, size) -> np.ndarray:
     if label.shape == (h, w):
         return label
     return np.array(Image.fromarray(label.astype(np.uint8)).resize((w, h), Image.NEAREST))
+
+
+def resize_region(image: np.ndarray, size, box) -> np.ndarray:
+    """The part `box` = (left, top, right, bottom) (source pixels, floats) of a uint8 image (H, W, 3) resized to
+    `size` (h, w) with PIL bilinear (antialiased when shrinking): a crop of a rescaled image at the cost of the crop."""
+    h, w = size
+    if image.shape[:2] == (h, w) and box == (0, 0, w, h):
+        return image
+    return np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR, box=box))
+
+
+def nearest_positions(n_in: int, n_out: int, start: int, count: int) -> np.ndarray:
+    """Source indices of output pixels start .. start+count-1 when PIL resizes n_in -> n_out pixels with NEAREST
+    (resize_label): PIL runs a double sum from 0.5 * n_in / n_out in steps of n_in / n_out and truncates it;
+    numpy's cumsum adds in the same order, so a crop of the resized label is exact."""
+    step = n_in / n_out
+    steps = np.full(start + count, step)
+    steps[0] = step * 0.5
+    return np.minimum(np.cumsum(steps)[start:].astype(np.int64), n_in - 1)
 
 
 def _affine_u8(x, alpha=1.0, beta=0.0):
@@ -486,16 +506,23 @@ class TrainTransform:
                              f"{self.scale_range}")
 
     def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
-        img, lbl = _to_hwc(sample["image"]), sample["label"].numpy().astype(np.uint8)
+        img, lbl = _to_hwc(sample["image"]), sample["label"].numpy().astype(np.uint8, copy=False)
         # ResizeScale: factor min(s*Ht/H, s*Wt/W) with the target = the native size, i.e. a rescale by s
         s = rng.uniform(*self.scale_range)
-        size = (max(1, round(lbl.shape[0] * s)), max(1, round(lbl.shape[1] * s)))
-        img, lbl = resize_image(img, size), resize_label(lbl, size)
+        H, W = lbl.shape
+        size = (max(1, round(H * s)), max(1, round(W * s)))
         # FixedSizeCrop: random crop of min(c, H) x min(c, W), padded bottom/right to c x c.
         # official code (detectron2 quirk): ONE u ~ U(0, 1) scales both the y and the x offset range.
         c, u = self.crop_size, rng.uniform(0.0, 1.0)
         y0, x0 = round(max(size[0] - c, 0) * u), round(max(size[1] - c, 0) * u)
-        img, lbl = img[y0:y0 + c, x0:x0 + c], lbl[y0:y0 + c, x0:x0 + c]
+        # only the crop of the rescaled image and label is computed (official: rescale everything, then crop). Label:
+        # exactly PIL's nearest pixels of the whole rescale. Image: PIL's bilinear on the crop's source box, which
+        # rounds its fixed-point filter weights slightly differently from the whole rescale: 1 grey level at ~0.3% of
+        # a GTA crop's values (bench/bench_loading.py), up to 2 on noise (tests/test_data.py)
+        h, w = min(c, size[0]), min(c, size[1])
+        box = (x0 * W / size[1], y0 * H / size[0], (x0 + w) * W / size[1], (y0 + h) * H / size[0])
+        img = resize_region(img, (h, w), box)
+        lbl = lbl[nearest_positions(H, size[0], y0, h)[:, None], nearest_positions(W, size[1], x0, w)[None, :]]
         out_img = np.full((c, c, 3), self.pad_value, np.uint8)
         out_lbl = np.full((c, c), self.ignore_index, np.uint8)
         out_img[:img.shape[0], :img.shape[1]], out_lbl[:lbl.shape[0], :lbl.shape[1]] = img, lbl
@@ -504,7 +531,7 @@ class TrainTransform:
             out_img = color_jitter_ssd(out_img, rng)
         if self.flip and rng.random() < 0.5:
             out_img, out_lbl = out_img[:, ::-1], out_lbl[:, ::-1]
-        return {**sample, "image": _to_chw(out_img), "label": torch.from_numpy(out_lbl.astype(np.int64))}
+        return {**sample, "image": _to_chw(out_img), "label": torch.from_numpy(np.ascontiguousarray(out_lbl))}
 
 
 @dataclass
@@ -541,8 +568,8 @@ class TestTransform:
         if size == (h, w):
             return sample
         img = resize_image(_to_hwc(sample["image"]), size)
-        lbl = resize_label(sample["label"].numpy().astype(np.uint8), size)
-        return {**sample, "image": _to_chw(img), "label": torch.from_numpy(lbl.astype(np.int64))}
+        lbl = resize_label(sample["label"].numpy().astype(np.uint8, copy=False), size)
+        return {**sample, "image": _to_chw(img), "label": torch.from_numpy(lbl)}
 
 
 # ---- conversion to train ids (§7.3) ----

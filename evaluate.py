@@ -81,6 +81,8 @@ class EvalConfig:
         "help": "--images: replace prediction files already in --save-pred (otherwise refused)"})
     debug: bool = field(default=False, metadata={
         "help": "show the Python traceback of an error"})
+    tf32: bool = field(default=True, metadata={  # the same flags as train.py --tf32 (its default)
+        "help": "TF32 matmuls/convolutions on CUDA, as in training (train.py --tf32, on by default)"})
 
     def __post_init__(self):
         self.datasets = tuple(self.datasets)
@@ -313,9 +315,29 @@ def save_prediction(pred, save_dir, name) -> None:
     data.save_png(data.colorize(pred), save_dir / f"{name}_color.png")
 
 
+class Stopped(Exception):
+    """evaluate_model's `stop()` returned True (a stop signal during an evaluation inside training)."""
+
+
+STOP_POLL = 1  # images between two stop polls of evaluate_model (a poll: a small CPU all-reduce in DDP)
+
+
+def _confusion_counts(pred, gt, num_classes: int = data.NUM_CLASSES, ignore_index: int = data.IGNORE_INDEX):
+    """confusion_matrix without its checks and without a host synchronization: int64 (C*C + 1,) on the tensors'
+    device, the flattened matrix and then the number of non-ignored pixels with a label or prediction outside
+    [0, C) (evaluate_model checks that count once, at the end)."""
+    C = num_classes
+    pred, gt = pred.reshape(-1).long(), gt.to(pred.device).reshape(-1).long()
+    valid = gt != ignore_index
+    ok = valid & (gt >= 0) & (gt < C) & (pred >= 0) & (pred < C)
+    index = torch.where(ok, gt * C + pred, torch.where(valid, C * C, C * C + 1))  # C*C: bad, C*C+1: ignored
+    return torch.zeros(C * C + 2, dtype=torch.int64, device=pred.device).index_add_(
+        0, index, torch.ones_like(index))[:C * C + 1]
+
+
 @torch.inference_mode()
 def evaluate_model(model, dataset, device="cpu", progress: bool = True, save_dir=None, num_workers: int = 0,
-                   protocol: str = "whole", window: int = 512, stride: int = 341) -> dict:
+                   protocol: str = "whole", window: int = 512, stride: int = 341, loader=None, stop=None) -> dict:
     """Score `model.predict` on a dataset whose transform already resizes to the test size (data.TestTransform).
 
     Args:
@@ -323,20 +345,28 @@ def evaluate_model(model, dataset, device="cpu", progress: bool = True, save_dir
         dataset: data.SegDataset; each sample's label is the GT at the evaluated resolution.
         save_dir: when set, predictions are written there by save_prediction.
         protocol: "whole" (one forward, §8.1) or "slide" (slide_predict with `window` and `stride`).
+        loader: an iterable of this rank's samples to use instead of a new DataLoader (runs.EvalLoader keeps its
+            workers between evaluations).
+        stop: a callable polled every STOP_POLL images (at the same images on every rank, so it may be a
+            collective); True raises Stopped.
     Returns: compute_metrics(conf) plus "conf" (int64 (19, 19), summed over ranks when torch.distributed is up:
-        rank r scores the indices r::world).
+        rank r scores the indices r::world). No host synchronization per image: the counts stay on `device`.
     """
     rank, world = _dist_info()
     indices = list(range(rank, len(dataset), world))
+    common = len(dataset) // world  # every rank scores at least this many images: the polls happen on all of them
     cuda = torch.device(device).type == "cuda"
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=None,
-                                         num_workers=num_workers, pin_memory=cuda)  # pinned: asynchronous copies
+    if loader is None:
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=None,
+                                             num_workers=num_workers, pin_memory=cuda)  # pinned: asynchronous copies
     was_training = getattr(model, "training", False)
     model.eval()
-    conf = torch.zeros(data.NUM_CLASSES, data.NUM_CLASSES, dtype=torch.int64, device=device)
+    counts = torch.zeros(data.NUM_CLASSES ** 2 + 1, dtype=torch.int64, device=device)
     desc = f"eval {getattr(dataset, 'name', '')}"
     try:
-        for sample in tqdm(loader, total=len(indices), desc=desc, disable=not progress or rank > 0):
+        for i, sample in enumerate(tqdm(loader, total=len(indices), desc=desc, disable=not progress or rank > 0)):
+            if stop is not None and i % STOP_POLL == 0 and i < common and stop():
+                raise Stopped(f"stopped at image {i} of {desc}")
             label = sample["label"].to(device, non_blocking=True)
             image = sample["image"][None].to(device, non_blocking=True)
             pred = model.predict(image) if protocol == "whole" else \
@@ -344,12 +374,17 @@ def evaluate_model(model, dataset, device="cpu", progress: bool = True, save_dir
             if tuple(pred.shape) != (1, *label.shape):
                 raise RuntimeError(f"model.predict returned {tuple(pred.shape)} for {sample['path']}; expected "
                                    f"(1, {label.shape[0]}, {label.shape[1]})")
-            conf += confusion_matrix(pred[0], label)
+            counts += _confusion_counts(pred[0], label)
             if save_dir is not None:
                 save_prediction(pred[0], save_dir, sample["name"])
     finally:
         if was_training:
             model.train()
+    bad = int(counts[-1:].cpu()[0])  # checked once per set (validated labels and an argmax make it 0)
+    if bad:
+        raise ValueError(f"{bad} pixels of {desc} have a label or prediction outside [0, {data.NUM_CLASSES}) "
+                         f"(ignore index {data.IGNORE_INDEX})")
+    conf = counts[:-1].reshape(data.NUM_CLASSES, data.NUM_CLASSES)
     if world > 1:
         conf = _all_reduce(conf)
     conf = conf.cpu()
@@ -533,6 +568,13 @@ def preflight(cfg: EvalConfig) -> list:
     return problems
 
 
+def set_tf32(device, tf32: bool):
+    """On CUDA, TF32 matmuls and cuDNN convolutions on or off, as train.py sets them (--tf32, on by default): the
+    same speed and the same last digits as the evaluations during training."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+
+
 def _run(argv) -> dict:
     cfg = parse_args(argv)
     problems = preflight(cfg)
@@ -541,6 +583,7 @@ def _run(argv) -> dict:
     rank, _ = _dist_info()
     results = {}
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    set_tf32(device, cfg.tf32)
     if cfg.images:
         n = predict_images(load_model(cfg).to(device), list_images(cfg.images), cfg.save_pred, device,
                            cfg.short_side, cfg.progress)

@@ -24,6 +24,7 @@ size, steps, guidance, precision, base seed); a rerun with other settings is ref
 deletes the old images and manifests first. However a run ends, manifest.jsonl lists exactly images/*.png.
 """
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -355,12 +356,32 @@ def _manifest_records(out: Path) -> dict:
 
 
 def merge_manifest(out) -> int:
-    """Rebuild out/manifest.jsonl: one line per existing image file, sorted by index. Returns the number of lines."""
+    """Rebuild out/manifest.jsonl: one line per existing image file, sorted by index. Returns the number of lines.
+
+    Every rank of a torchrun job merges when it ends; an OS lock on out/.manifest.lock (released by the kernel if
+    the process dies) makes the merges take turns, so an earlier rank's view never replaces a later, fuller one."""
     out = Path(out)
-    by_index = _manifest_records(out)
-    lines = [json.dumps(by_index[j]) for j in sorted(by_index) if (out / by_index[j]["file"]).is_file()]
-    _write_text(out / "manifest.jsonl", "".join(line + "\n" for line in lines))
+    with _manifest_lock(out):
+        by_index = _manifest_records(out)
+        lines = [json.dumps(by_index[j]) for j in sorted(by_index) if (out / by_index[j]["file"]).is_file()]
+        _write_text(out / "manifest.jsonl", "".join(line + "\n" for line in lines))
     return len(lines)
+
+
+@contextlib.contextmanager
+def _manifest_lock(out: Path):
+    """An exclusive flock on out/.manifest.lock for the body (no lock where fcntl does not exist)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    with open(out / ".manifest.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def shard() -> tuple:
@@ -458,6 +479,9 @@ def generate(cfg: GenerateConfig, pipe=None) -> dict:
         raise ValueError(_problems(problems))
     out = Path(cfg.out)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    device = _device(cfg)
+    if device.type == "cuda":  # torchrun: this rank's GPU is the current one (diffusers, generators, kernels)
+        torch.cuda.set_device(device)
     if cfg.merge_only:
         return {"written": 0, "skipped": 0, "manifest": merge_manifest(out), "out": str(out)}
     if cfg.overwrite and folder_problems(out, settings(cfg, prompts or []), False):

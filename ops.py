@@ -17,6 +17,7 @@ Usage:
 """
 import argparse
 import os
+import re
 import subprocess
 import time
 import warnings
@@ -89,7 +90,7 @@ def load_extension(with_cuda=None, verbose=False):
     if with_cuda and os.environ.get("CUDA_HOME") and cpp_extension.CUDA_HOME != os.environ["CUDA_HOME"]:
         cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]  # it read the environment when first imported
     name = "clouds_ops_cuda" if with_cuda else "clouds_ops_cpu"
-    print(f"Setting up clouds ops ({name}, first build ~{'2 min' if with_cuda else '30 s'})... ", end="", flush=True)
+    _status(f"Setting up clouds ops ({name}, first build ~{'2 min' if with_cuda else '30 s'})... ", end="")
     t0 = time.time()
     try:
         path = cpp_extension.load(name=name, sources=[str(s) for s in sources],
@@ -97,9 +98,9 @@ def load_extension(with_cuda=None, verbose=False):
                                   extra_cuda_cflags=["-O3"], extra_ldflags=["-fopenmp"], with_cuda=with_cuda,
                                   is_python_module=False, verbose=verbose)
     except BaseException:
-        print("Failed!", flush=True)
+        _status("Failed!")
         raise
-    print(f"Done ({time.time() - t0:.1f} s).", flush=True)
+    _status(f"Done ({time.time() - t0:.1f} s).")
     _register_fakes()
     _loaded[with_cuda] = Path(path)
     return _loaded[with_cuda]
@@ -154,9 +155,101 @@ def _use_ext(impl):
         return True
     except (RuntimeError, OSError, ImportError, subprocess.CalledProcessError) as e:  # the build, not a kernel
         _auto_error = e
-        warnings.warn(f"clouds ops: the C++/CUDA extension could not be built ({type(e).__name__}: {e}); using the "
-                      "pure-PyTorch references (slower). Set CLOUDS_OPS_IMPL=ext to see the full error.", stacklevel=3)
+        if _main_rank():
+            warnings.warn(f"clouds ops: the C++/CUDA extension could not be built ({type(e).__name__}: "
+                          f"{first_error(e)}); using the pure-PyTorch references (slower). Set CLOUDS_OPS_IMPL=ext "
+                          f"to see the full error.", stacklevel=3)
         return False
+
+
+# ---- which implementation runs, and why (train.py's preflight and log.txt) ----
+
+OPS = ("connected_components", "sample_points", "masks_to_semantic", "ms_deform_attn")
+
+
+def _main_rank() -> bool:
+    """False in torchrun's ranks 1..N-1: build messages and warnings print once per job, not once per rank."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _status(msg, end="\n"):
+    if _main_rank():
+        print(msg, end=end, flush=True)
+
+
+def first_error(err) -> str:
+    """The line of a failed build's output to read first (the compiler's first error), from a cpp_extension error
+    (its message holds ninja's output) or any text; the last line when no line says error."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    patterns = (r":\d+(:\d+)?: (fatal )?error", r"\(\d+\): (catastrophic )?error", r"\bfatal\b",
+                r"\berror\b(?!s? generated)", r"not found|No such file|mismatch")
+    commands = re.compile(r"^(\[\d+/\d+\] )?\S*(c\+\+|g\+\+|gcc|clang\+?\+?|nvcc|ninja|ld) .* -[co] ")
+    for pattern in patterns:
+        hit = next((ln for ln in lines if re.search(pattern, ln, re.I) and not commands.match(ln)), None)
+        if hit:
+            return hit[:400]
+    return lines[-1][:400] if lines else ""
+
+
+def build_problem(with_cuda=None):
+    """None when csrc/ builds (or is built) and loads (it stays loaded), else the compiler's first error."""
+    try:
+        load_extension(with_cuda)
+        return None
+    except (RuntimeError, OSError, ImportError, subprocess.CalledProcessError) as e:
+        return first_error(e)
+
+
+def cuda_home():
+    """The CUDA toolkit load_extension compiles with: $CUDA_HOME / $CUDA_PATH, else /usr/local/cuda, else the one
+    torch finds from nvcc on PATH (None: none)."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home:
+        return home
+    if os.path.isdir("/usr/local/cuda"):
+        return "/usr/local/cuda"
+    from torch.utils import cpp_extension
+    return cpp_extension.CUDA_HOME
+
+
+def nvcc_problem():
+    """None when nvcc is there and its CUDA major version is torch's (torch.version.cuda), else what is wrong and
+    how to fix it. torch refuses to build an extension across CUDA major versions (a cluster's CUDA 12 module with
+    the cu130 torch of requirements.txt)."""
+    home, want = cuda_home(), (torch.version.cuda or "")
+    nvcc = os.path.join(home, "bin", "nvcc") if home else None
+    fix = (f"load a CUDA {want} toolkit (e.g. `module load cuda/{want}`) or set CUDA_HOME to one, or install the torch "
+           f"build of your toolkit (README: Clusters with an older NVIDIA driver)")
+    if not nvcc or not os.path.isfile(nvcc):
+        return f"nvcc not found (CUDA_HOME {home or 'unset'}): csrc/ cannot build for CUDA; {fix}"
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"{nvcc} --version failed ({e}); {fix}"
+    found = re.search(r"release (\d+)\.(\d+)", out)
+    if found and want and found.group(1) != want.split(".")[0]:
+        return (f"nvcc {nvcc} is CUDA {found.group(1)}.{found.group(2)} but torch {torch.__version__} was built "
+                f"with CUDA {want}: the major versions must match to build csrc/; {fix}")
+    return None
+
+
+def fallback(reason: str):
+    """Make impl="auto" use the pure-PyTorch references from now on, without trying to build (train.py
+    --allow-ops-fallback after a failed build)."""
+    global _auto_error
+    _auto_error = RuntimeError(reason)
+
+
+def resolved_impls() -> dict:
+    """{op: what impl="auto" runs in this process, and why}: the extension (built now if needed) or the reference."""
+    if _use_ext("auto"):
+        how = f"extension {load_extension().name}"
+    elif os.environ.get("CLOUDS_OPS_IMPL", "auto") == "ref":
+        how = "pure-PyTorch reference (CLOUDS_OPS_IMPL=ref)"
+    else:
+        how = f"pure-PyTorch reference (the extension did not build: {first_error(_auto_error)})"
+    return {op: how + (" for float32/float64" if op == "ms_deform_attn" and "extension" in how else "")
+            for op in OPS}
 
 
 # ---- connected components (reference §5.2.1) ----
@@ -267,7 +360,8 @@ def component_offsets(components):
 # ---- point prompts (reference §5.2.2) ----
 
 
-def sample_points(components, comp_area, num_points=5, min_area=5000, mode="random", generator=None, impl="auto"):
+def sample_points(components, comp_area, num_points=5, min_area=5000, mode="random", generator=None, impl="auto",
+                  exact_area=False):
     """Positive point prompts for every component with area > min_area, without a per-component mask.
 
     Args:
@@ -280,23 +374,29 @@ def sample_points(components, comp_area, num_points=5, min_area=5000, mode="rand
         generator: torch.Generator, an int seed, or None (torch's default RNG). Drawn as float64 uniforms
             (P, num_points [- 1 for interior]), P = number of components with area > min_area, so the ext and ref
             paths consume the generator alike and return the same points.
+        exact_area: comp_area counts each component's pixels in `components` exactly (not eroded). With comp_area
+            on the host (components on a GPU), which components get points is then known on the host: no
+            synchronization at all.
     Returns:
-        points int64 (P', num_points, 2) in (x, y) pixel order within the image; comp_ids int64 (P',) ascending: the
-        component of each row. Components with fewer than num_points pixels left in `components` get no row
-        (official bug §9.7 miscounted them; comp_ids always names the component).
+        points int64 (P', num_points, 2) in (x, y) pixel order within the image, on the components' device;
+        comp_ids int64 (P',) ascending, on comp_area's device: the component of each row. Components with fewer than
+        num_points pixels left in `components` get no row (official bug §9.7 miscounted them; comp_ids always names
+        the component).
     """
     components, comp_area, candidates, uniforms = _prepare_points(components, comp_area, num_points, min_area, mode,
                                                                   generator)
-    args = (components, candidates, uniforms, comp_area.numel(), num_points, mode == "interior")
+    args = (components, candidates.to(components.device, non_blocking=True), uniforms, comp_area.numel(), num_points,
+            mode == "interior")
     idx = torch.ops.clouds.sample_points(*args) if _use_ext(impl) else _sample_pixels_ref(*args)
-    return _points_from_pixels(idx, candidates, components.shape)
+    return _points_from_pixels(idx, candidates, components.shape, comp_area if exact_area else None, num_points)
 
 
 def sample_points_ref(components, comp_area, num_points=5, min_area=5000, mode="random", generator=None):
     """Specification of sample_points (same arguments and results); see _sample_pixels_ref."""
     components, comp_area, candidates, uniforms = _prepare_points(components, comp_area, num_points, min_area, mode,
                                                                   generator)
-    idx = _sample_pixels_ref(components, candidates, uniforms, comp_area.numel(), num_points, mode == "interior")
+    idx = _sample_pixels_ref(components, candidates.to(components.device), uniforms, comp_area.numel(), num_points,
+                             mode == "interior")
     return _points_from_pixels(idx, candidates, components.shape)
 
 
@@ -314,19 +414,25 @@ def _prepare_points(components, comp_area, num_points, min_area, mode, generator
     if isinstance(generator, int):
         generator = torch.Generator().manual_seed(generator)
     components = components.to(torch.int32)
-    candidates = torch.nonzero(comp_area > min_area).flatten().to(components.device)  # Sec. 3.3: area > 5000
+    candidates = torch.nonzero(comp_area > min_area).flatten()  # Sec. 3.3: area > 5000; on comp_area's device
     rand_device = generator.device if generator is not None else "cpu"
     uniforms = torch.rand((candidates.numel(), num_points - (mode == "interior")), generator=generator,
-                          dtype=torch.float64, device=rand_device).to(components.device)
+                          dtype=torch.float64, device=rand_device).to(components.device, non_blocking=True)
     return components, comp_area, candidates, uniforms
 
 
-def _points_from_pixels(idx, candidates, shape):
+def _points_from_pixels(idx, candidates, shape, exact_area=None, num_points=None):
+    """Rows of idx with points (-1 rows: components with too few pixels) -> xy points, and their component ids on
+    the candidates' device. Those rows are read from the device (one synchronization on a GPU) unless `exact_area`
+    (the pixel count of every component, beside the candidates) tells them."""
     H, W = shape[-2:]
-    keep = idx[:, 0] >= 0
-    idx = idx[keep]
+    if exact_area is not None:
+        keep = torch.nonzero(exact_area[candidates] >= num_points).flatten()   # where the candidates are
+    else:
+        keep = torch.nonzero(idx[:, 0] >= 0).flatten()                         # one synchronization on a GPU
+    idx = idx[keep.to(idx.device, non_blocking=True)]
     points = torch.stack([idx % W, (idx // W) % H], -1)                        # (P, K, 2) xy
-    return points, candidates[keep]
+    return points, candidates[keep.to(candidates.device)]
 
 
 def _draw_ranks(n, u):

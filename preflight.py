@@ -20,6 +20,7 @@ from tqdm import tqdm
 import backbones
 import clouds
 import data
+import ops
 import refine
 import runs
 
@@ -139,6 +140,8 @@ def preflight(cfg, env, split: Optional[str], p_gen_of) -> dict:
         problems.append(f"--batch-size {cfg.batch_size} (total) must be divisible by the {env.world} ranks")
     record = {**asdict(cfg), "p_gen": p_gen, "n_source": n_source, "n_generated": n_gen, "world_size": env.world}
     changes, resume, old = out_problems(cfg, record, problems)
+    ops_found, ops_warnings = ops_problems(cfg, env, others=bool(problems))
+    problems += ops_found
     if problems:
         raise runs.Problems(problems)
     notes = run_warnings(cfg)
@@ -151,7 +154,7 @@ def preflight(cfg, env, split: Optional[str], p_gen_of) -> dict:
         notes += checked
     record["history"] = old.get("history", []) if cfg.resume else []
     return {"n_source": n_source, "n_generated": n_gen, "p_gen": p_gen, "config": record, "changes": changes,
-            "resume": resume, "warnings": notes}
+            "resume": resume, "warnings": notes + ops_warnings}
 
 
 def world_size_note(cfg, old: int, new: int) -> str:
@@ -261,6 +264,29 @@ def check_images(cfg, split, p_gen: float) -> tuple:
     notes += [f"note: {len(names)} {kind} image(s) read as {data.describe_mode(mode)} (e.g. {names[0]})"
               for (kind, mode), names in modes.items()]
     return [], notes
+
+
+
+def ops_problems(cfg, env, others=False) -> tuple:
+    """A CUDA run needs csrc/ built for CUDA: without it impl="auto" would fall back to the pure-PyTorch ops for the
+    whole run (several times slower). Builds it now (cached afterwards) and reports the compiler's first error, and
+    whether nvcc's CUDA major version differs from torch's. `others`: other problems were found, so only the quick
+    nvcc check runs (the build waits for the rerun). --allow-ops-fallback turns the problem into a warning.
+    Returns (problems, warnings)."""
+    if env.device.type != "cuda" or os.environ.get("CLOUDS_OPS_IMPL", "auto") == "ref":
+        return [], []
+    nvcc = ops.nvcc_problem()
+    problem = nvcc if others else ops.build_problem(with_cuda=True)
+    if problem is None:
+        return [], []
+    if nvcc and nvcc != problem:
+        problem = f"{problem}\n({nvcc})"
+    if cfg.allow_ops_fallback:
+        ops.fallback(problem)
+        return [], [f"warning: csrc/ does not build for CUDA: {problem}; --allow-ops-fallback: training with the "
+                    f"pure-PyTorch ops (several times slower)"]
+    return [f"csrc/ (the fused CUDA ops) does not build: {problem}\nfix: see the error (DEVELOPERS.md: Building "
+            f"csrc/), or pass --allow-ops-fallback to train with the pure-PyTorch ops (several times slower)"], []
 
 
 def input_problems(cfg, split, p_gen_of) -> tuple:

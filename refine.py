@@ -174,15 +174,36 @@ class SamPointPredictor:
         coords = pred.transform.apply_coords_torch(points, (h, w))  # image pixels -> encoder input frame
         masks, scores = [], []
         for start in range(0, len(coords), self.chunk_size):
-            c = coords[start:start + self.chunk_size]                  # (p, K, 2)
-            labels = torch.ones(c.shape[:2], dtype=torch.int64, device=c.device)  # §5.2: all points positive
-            m, s, _ = pred.predict_torch(c, labels, multimask_output=multimask)  # (p, M, H, W), (p, M)
+            c = coords[start:start + self.chunk_size]                  # (p, K, 2), §5.2: all points positive
+            m, s = _predict_positive_points(pred, c, multimask)        # (p, M, H, W), (p, M)
             masks.append(m)
             scores.append(s.float())
         if not masks:
             m = 3 if multimask else 1
             return torch.zeros(0, m, h, w, dtype=torch.bool, device=pred.device), torch.zeros(0, m, device=pred.device)
         return torch.cat(masks), torch.cat(scores)                     # on the model's device
+
+
+def _predict_positive_points(pred, coords, multimask):
+    """SamPredictor.predict_torch(coords, all-positive labels, multimask_output=multimask)[:2], the same numbers
+    without its host synchronizations: segment_anything's prompt encoder adds the label embeddings through boolean
+    masks (`emb[labels == 1] += w`: two synchronizations per label value and chunk on a GPU). With positive points
+    and SAM's padding point (label -1) the rows are known: the points get point_embeddings[1], the padding point
+    not_a_point_embed. coords (p, K, 2) in the encoder's input frame -> masks bool (p, M, H, W), scores (p, M)."""
+    if not pred.is_image_set:
+        raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+    model, enc = pred.model, pred.model.prompt_encoder
+    p = coords.shape[0]
+    points = torch.cat([coords + 0.5, torch.zeros((p, 1, 2), device=coords.device)], 1)  # + the padding point
+    emb = enc.pe_layer.forward_with_coords(points, enc.input_image_size)                  # (p, K+1, C)
+    sparse = torch.cat([emb[:, :-1] + enc.point_embeddings[1].weight,                   # label 1: the points
+                        enc.not_a_point_embed.weight.expand(p, 1, -1)], 1)              # label -1: 0 + embed
+    dense = enc.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(p, -1, *enc.image_embedding_size)
+    low_res, scores = model.mask_decoder(image_embeddings=pred.features, image_pe=enc.get_dense_pe(),
+                                         sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                         multimask_output=multimask)
+    masks = model.postprocess_masks(low_res, pred.input_size, pred.original_size)
+    return masks > model.mask_threshold, scores
 
 
 def _hwc_numpy(image) -> np.ndarray:
@@ -273,11 +294,15 @@ def _refine(image, label, predictor, cfg: RefineConfig, generator):
     # §5.2.1: per-class connected components (4-connectivity, like scipy.ndimage.label's default)
     components, comp_class, comp_area = ops.connected_components(label, connectivity=cfg.connectivity,
                                                                  ignore_index=IGNORE_INDEX)
+    # the class and area of every component, on the host in one transfer: which components get prompts and of which
+    # class is then decided there (the only synchronization of the refinement besides the component count)
+    comp_class, comp_area = torch.stack([comp_class, comp_area]).cpu()
     if cfg.erosion:  # §5.2.2: points from the eroded component; the area threshold uses the full area
         components = erode_components(components, cfg.erosion_size)
     # §5.2.2: num_points random positive points per component with area > min_area (and enough pixels left)
     points, comp_ids = ops.sample_points(components, comp_area, num_points=cfg.num_points, min_area=cfg.min_area,
-                                         mode=cfg.mode, generator=generator)   # (P, K, 2) xy, (P,)
+                                         mode=cfg.mode, generator=generator,
+                                         exact_area=not cfg.erosion)  # (P, K, 2) xy on the label's device, (P,) host
     if len(comp_ids) == 0:  # §5.2.4: no prompt -> fall back to the unrefined teacher pseudo label
         return (*teacher_masks(label), False)
     # §5.3.1-2: one batched call, 3 candidates per prompt, keep the highest predicted IoU
@@ -289,10 +314,11 @@ def _refine(image, label, predictor, cfg: RefineConfig, generator):
         selected &= (selected.sum(0, dtype=torch.int16) < 2)[None]
     # official bug (reference §9.7): classes were re-assigned from per-class component counts that included
     # components without points, shifting masks to wrong classes; each prompt carries its own component id here
-    prompt_class = comp_class[comp_ids.long()].to(selected.device)            # (P,)
-    classes = prompt_class.unique()                                           # ascending
-    out = torch.stack([selected[prompt_class == c].any(0) for c in classes])  # §5.3.4: per-class union (K, H, W)
-    return classes.to(label.device), out.to(label.device), True
+    classes, which = comp_class[comp_ids.long()].unique(return_inverse=True)  # on the host: ascending (K,), row
+    which = which.to(selected.device, non_blocking=True)                     # of each prompt's class
+    out = torch.zeros(len(classes), selected[0].numel(), dtype=torch.int16, device=selected.device)
+    out = out.index_add_(0, which, selected.flatten(1).to(torch.int16)) > 0  # §5.3.4: per-class union (K, H*W)
+    return (classes.to(label.device, non_blocking=True), out.view(-1, *selected.shape[1:]).to(label.device), True)
 
 
 def pseudo_label_target(image, label, predictor, cfg: RefineConfig = None, generator=None) -> dict:

@@ -6,6 +6,7 @@ Usage: not a script; `import runs` (train.py does). A running phase's state is t
 """
 import argparse
 import errno
+import itertools
 import json
 import math
 import os
@@ -36,8 +37,8 @@ import evaluate
 class Problems(Exception):
     """What stops a run from starting, as one message (main prints it and exits 2; --debug shows the traceback)."""
 
-    def __init__(self, problems):
-        self.problems = list(problems)
+    def __init__(self, problems, quiet=False):
+        self.problems, self.quiet = list(problems), quiet  # quiet: main prints nothing (another rank's problems)
         n = len(self.problems)
         lines = [f"train.py cannot start: {n} problem{'s' * (n > 1)} (fix each, then rerun the same command)"]
         lines += [f"  {i}. " + p.replace("\n", "\n     ") for i, p in enumerate(self.problems, 1)]
@@ -50,7 +51,13 @@ class TrainError(RuntimeError):
 
 
 class Interrupted(Exception):
-    """Ctrl-C / SIGTERM: last.pt was saved (or kept); main prints the message and exits 130."""
+    """A stop signal: last.pt was saved (or kept). main prints the message and exits with `code`: 130 after SIGINT
+    (Ctrl-C), 143 after SIGTERM, SIGUSR1 or SIGHUP (see StopFlag and README "Stopping, preemption, exit codes")."""
+
+    def __init__(self, msg, signum=None):
+        super().__init__(msg)
+        self.signum = signum
+        self.code = exit_code(signum)
 
 
 def first_line(err) -> str:
@@ -99,10 +106,18 @@ class Env:
     world: int
     device: torch.device
     started: bool  # we initialized the process group (and destroy it at the end)
+    control: Optional[object] = None  # a gloo group for host-side collectives (stop flag, barriers); None: default
+
+
+def barrier(env):
+    """Every rank waits here (over the gloo control group: no GPU synchronization); nothing with one rank."""
+    if env.world > 1:
+        dist.barrier(group=env.control)
 
 
 def setup_distributed(device_name: str) -> Env:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK/MASTER_*; NCCL on GPUs, gloo on CPU."""
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK/MASTER_*; NCCL on GPUs, gloo on CPU ($CLOUDS_DIST_BACKEND overrides);
+    with NCCL, a gloo group beside it (Env.control) carries the stop flag and the barriers without GPU syncs."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device_name == "auto":
@@ -119,11 +134,13 @@ def setup_distributed(device_name: str) -> Env:
         if problem:
             raise Problems([problem])
         torch.cuda.set_device(device)
-    started = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    started, control = False, None
+    if world > 1 and not dist.is_initialized():  # CLOUDS_DIST_BACKEND=gloo: several ranks on one GPU (NCCL refuses)
+        dist.init_process_group(os.environ.get("CLOUDS_DIST_BACKEND") or ("nccl" if device.type == "cuda" else "gloo"))
         started = True
-    return Env(rank, world, device, started)
+    if world > 1 and dist.get_backend() != "gloo":  # stop flags and barriers on the CPU, beside NCCL
+        control = dist.new_group(backend="gloo")
+    return Env(rank, world, device, started, control)
 
 
 def cuda_problem(flag_value: str, device: torch.device) -> Optional[str]:
@@ -369,7 +386,8 @@ def check_outputs(state, outputs, it):
     finite = torch.stack([torch.isfinite(t).all() for _, t in tensors]).float()  # (n,)
     if state.world > 1:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    if finite.min().item() < 1:
+    finite = finite.cpu()  # the one synchronization
+    if finite.min() < 1:
         bad = [n for (n, _), f in zip(tensors, finite.tolist()) if f < 1]
         cfg = state.cfg
         raise TrainError(f"non-finite model outputs at {state.phase} iteration {it} ({', '.join(bad[:4])}"
@@ -485,43 +503,82 @@ class RunLog:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
 
 
-# ---- signals ----
+# ---- signals: a clean stop saves last.pt, every rank waits for it, then the job exits 130 / 143 ----
+
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGHUP") if hasattr(signal, n))
+REPEAT_GRACE = 5.0  # s: repeats of the first signal this soon are copies (torchrun forwards what it receives)
+
+
+def exit_code(signum) -> int:
+    """The exit code of a run stopped by `signum`: 130 for SIGINT (Ctrl-C) or None, 143 for the others (SIGTERM, and
+    SIGUSR1 / SIGHUP, which schedulers send before a preemption or time limit)."""
+    return 130 if signum in (None, signal.SIGINT) else 143
 
 
 class StopFlag:
-    """SIGINT / SIGTERM handler for the training loop: the first signal lets the current iteration finish, then the
-    loop saves last.pt and stops; a second one aborts at once (KeyboardInterrupt). Main thread only."""
+    """The stop signals of a run (SIGINT, SIGTERM, SIGUSR1, SIGHUP; one a process ignores stays ignored, e.g. SIGHUP
+    under nohup). A context manager around the whole run; main thread only.
 
-    def __init__(self):
-        self.signum, self._old, self.pid = None, {}, os.getpid()
+    While `armed` (inside a phase's iteration loop) the first signal only sets the flag: the current iteration (or
+    evaluation, which polls it) finishes, rank 0 saves last.pt, every rank waits for that save, and the run raises
+    Interrupted (exit 130 for SIGINT, 143 otherwise). Repeats within REPEAT_GRACE seconds are ignored: torchrun
+    forwards the signal it receives to workers that already got it from the terminal or the scheduler. A SIGINT after
+    that aborts without saving (KeyboardInterrupt; last.pt keeps its previous save). When not armed (preflight, model
+    build, between phases: nothing to save) a signal stops at once (KeyboardInterrupt). Once the stop is saved
+    (`finish`), further signals are ignored, or with `linger` (a process about to exit: train.py as a script) end it
+    with the same exit code, so a rank that torchrun signals while it shuts down still reports 130 / 143."""
+
+    def __init__(self, linger=False):
+        self.signum, self.since, self.armed, self.finished, self.linger = None, None, False, False, linger
+        self._old, self.pid = {}, os.getpid()
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
+            for sig in STOP_SIGNALS:
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
         if os.getpid() != self.pid:  # a forked DataLoader worker: the main process handles the signal
             return
-        if self.signum is not None:
+        if self.finished:  # last.pt is saved and every rank waited for it: exit as the stop said
+            if self.linger:
+                code = exit_code(self.signum)
+                print(f"[train] {signal.Signals(signum).name} while exiting after the stop: exit {code} now",
+                      file=sys.stderr, flush=True)
+                sys.stdout.flush()
+                os._exit(code)
+            return
+        if self.signum is None:
+            self.signum, self.since = signum, time.monotonic()
+            if not self.armed:
+                raise KeyboardInterrupt
+            print(f"\n[train] {signal.Signals(signum).name}: finishing this iteration, then saving last.pt (exit "
+                  f"{exit_code(signum)}; a second Ctrl-C after {REPEAT_GRACE:.0f} s aborts without saving)",
+                  file=sys.stderr, flush=True)
+        elif signum == signal.SIGINT and time.monotonic() - self.since > REPEAT_GRACE:
             raise KeyboardInterrupt
-        self.signum = signum
-        print(f"\n[train] {signal.Signals(signum).name}: finishing this iteration, then saving last.pt "
-              f"(send it again to abort without saving)", file=sys.stderr, flush=True)
+
+    def finish(self):
+        """The stop is saved (or nothing was to be saved): from now on signals only end the process (see class)."""
+        self.finished = True
 
     def __exit__(self, *exc):
+        if self.finished and self.linger:
+            return  # the handlers stay until the process exits
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
 
 
 def should_stop(stop, env) -> bool:
-    """Whether a signal arrived on any rank (all ranks stop after the same iteration, or the others would hang)."""
+    """Whether a signal arrived on any rank (all ranks stop after the same iteration, or the others would hang). A
+    MAX all-reduce of a CPU tensor over the gloo control group: no GPU synchronization."""
     flag = stop.signum is not None
     if env.world > 1:
-        t = torch.tensor(float(flag), device=env.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        flag = t.item() > 0
+        t = torch.tensor([float(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=env.control)
+        flag = bool(t[0] > 0)
     return flag
 
 
@@ -559,6 +616,8 @@ def plot_pseudo_labels(records, png_path):
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
+    # the labels are kept on the training device (no copy per iteration); they reach the host here, at a save
+    records = [(np.asarray(image), _host(teacher), _host(refined)) for image, teacher, refined in records]
     fig = Figure(figsize=(9, 3 * len(records) + 1.2))
     axes = np.asarray(fig.subplots(len(records), 3, squeeze=False))
     for row, (image, teacher, refined) in zip(axes, records):
@@ -574,6 +633,11 @@ def plot_pseudo_labels(records, png_path):
     fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 1.2 / (3 * len(records) + 1.2), 1, 1))
     atomic(png_path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+
+
+def _host(x) -> np.ndarray:
+    """A numpy copy of a tensor on any device (or of an array)."""
+    return x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
 
 
 def write_plots(cfg, state, paths):
@@ -599,22 +663,45 @@ def build_eval_sets(cfg) -> dict:
     return sets
 
 
-def evaluate_sets(model, sets, device, progress, workers=0, cfg=None) -> dict:
+class EvalLoader:
+    """One DataLoader over every evaluation set (this rank's images of each, set after set), built once per run with
+    persistent workers: an evaluation during training no longer starts len(sets) x --workers processes. `per_set()`
+    gives one iterator per set, in order, for evaluate.evaluate_model(loader=...)."""
+
+    def __init__(self, sets: dict, workers: int = 0, pin_memory: bool = False):
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        parts = {n: torch.utils.data.Subset(ds, range(rank, len(ds), world)) for n, ds in sets.items()}
+        self.counts = {n: len(p) for n, p in parts.items()}
+        self.loader = torch.utils.data.DataLoader(torch.utils.data.ConcatDataset(list(parts.values())) if parts
+                                                  else [], batch_size=None, num_workers=workers,
+                                                  pin_memory=pin_memory, persistent_workers=workers > 0)
+
+    def per_set(self) -> dict:
+        samples = iter(self.loader)
+        return {n: itertools.islice(samples, c) for n, c in self.counts.items()}
+
+
+def evaluate_sets(model, sets, device, progress, workers=0, cfg=None, loader=None, stop=None) -> dict:
     """{set: {"mIoU", "mIoU16", "mAcc", "aAcc", "protocol"}} (fractions); every rank must call it (confusions are
-    summed). `workers` DataLoader processes read and resize the images (--workers), off the training process. `cfg`
-    (TrainConfig) gives --eval-protocol, --slide-window/--slide-stride and --test-short-side (default: whole image)."""
+    summed). `workers` DataLoader processes read and resize the images (--workers), off the training process; `loader`
+    (an EvalLoader) reuses them. `cfg` (TrainConfig) gives --eval-protocol, --slide-window/--slide-stride and
+    --test-short-side (default: whole image). `stop()` is polled every few images (evaluate.evaluate_model): True
+    raises evaluate.Stopped. cuDNN autotuning is off here (test images come in many sizes)."""
     protocol, window, stride, short = ("whole", 512, 341, 1024) if cfg is None else \
         (cfg.eval_protocol, cfg.slide_window, cfg.slide_stride, cfg.test_short_side)
-    out = {}
-    for name, ds in sets.items():
-        m = evaluate.evaluate_model(model, ds, device=device, progress=progress, num_workers=workers,
-                                    protocol=protocol, window=window, stride=stride)
-        out[name] = {k: m[k] for k in ("mIoU", "mIoU16", "mAcc", "aAcc")}
-        out[name]["protocol"] = evaluate.protocol_name(protocol, short, window, stride)
-        out[name]["IoU"] = {c: None if math.isnan(v) else v for c, v in zip(data.CLASSES, m["IoU"].tolist())}
+    out, benchmark = {}, torch.backends.cudnn.benchmark
+    loaders = (loader or EvalLoader(sets, workers, torch.device(device).type == "cuda")).per_set()
+    torch.backends.cudnn.benchmark = False
+    try:
+        for name, ds in sets.items():
+            m = evaluate.evaluate_model(model, ds, device=device, progress=progress, loader=loaders[name], stop=stop,
+                                        protocol=protocol, window=window, stride=stride)
+            out[name] = {k: m[k] for k in ("mIoU", "mIoU16", "mAcc", "aAcc")}
+            out[name]["protocol"] = evaluate.protocol_name(protocol, short, window, stride)
+            out[name]["IoU"] = {c: None if math.isnan(v) else v for c, v in zip(data.CLASSES, m["IoU"].tolist())}
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
     return out
-
-
 
 
 # ---- the start of a run, the end of an iteration ----
@@ -638,22 +725,29 @@ def log_start(say, cfg, info: dict, notes=()):
             + ", ".join(f"{k} {o!r} -> {n!r}" for k, (o, n) in changed.items()), err=True)
 
 
-def after_iteration(state, env, inputs, log, say, stop, done, max_iter, paths) -> Optional[dict]:
+def after_iteration(state, env, inputs, log, say, stop, done, max_iter, paths, save=True) -> Optional[dict]:
     """After `done` iterations: evaluate (every --eval-every and at the end), save last.pt (every --save-every, at each
-    snapshot, at the end and on a stop signal) plus a model_NNNNNNN.pt snapshot every --ckpt-every, and raise
-    Interrupted once last.pt is saved after a signal. Returns the evaluation's results, None when there was none."""
-    cfg, phase, main_rank, results = state.cfg, state.phase, env.rank == 0, None
+    snapshot, at the end and on a stop signal) plus a model_NNNNNNN.pt snapshot every --ckpt-every. After a signal
+    (also one that arrives during the evaluation, which polls it): rank 0 saves last.pt, every rank waits for that,
+    then Interrupted. Returns the evaluation's results, None when there was none. save=False: evaluate only (the
+    evaluation a stop skipped, redone at --resume)."""
+    cfg, phase, main_rank, results, stopping = state.cfg, state.phase, env.rank == 0, None, False
     if cfg.eval_every and (done % cfg.eval_every == 0 or done == max_iter):
-        results = evaluate_sets(state.model, inputs["eval_sets"], env.device, cfg.progress and main_rank,
-                                cfg.workers, cfg)
-        log.write({"phase": phase, "iter": done, "eval": results})
-        if main_rank:
-            described = evaluate.protocol_name(cfg.eval_protocol, cfg.test_short_side, cfg.slide_window,
-                                               cfg.slide_stride)
-            say(f"[{phase} {done}] " + ", ".join(f"{n} {100 * m['mIoU']:.2f}" for n, m in results.items())
-                + f" mIoU ({described})")
-    stopping = should_stop(stop, env)
-    if done % cfg.save_every == 0 or done % cfg.ckpt_every == 0 or done == max_iter or stopping:
+        try:
+            results = evaluate_sets(state.model, inputs["eval_sets"], env.device, cfg.progress and main_rank,
+                                    cfg.workers, cfg, loader=inputs.get("eval_loader"),
+                                    stop=lambda: should_stop(stop, env))
+        except evaluate.Stopped:  # every rank got it at the same image (the polls are collective)
+            stopping = True
+        if results is not None:
+            log.write({"phase": phase, "iter": done, "eval": results})
+            if main_rank:
+                described = evaluate.protocol_name(cfg.eval_protocol, cfg.test_short_side, cfg.slide_window,
+                                                   cfg.slide_stride)
+                say(f"[{phase} {done}] " + ", ".join(f"{n} {100 * m['mIoU']:.2f}" for n, m in results.items())
+                    + f" mIoU ({described})")
+    stopping = stopping or should_stop(stop, env)
+    if save and (done % cfg.save_every == 0 or done % cfg.ckpt_every == 0 or done == max_iter or stopping):
         if main_rank:
             try:
                 save_state(paths["last"], state, done)
@@ -666,9 +760,32 @@ def after_iteration(state, env, inputs, log, say, stop, done, max_iter, paths) -
             write_plots(cfg, state, paths)
         state.saved = done
     if stopping:
+        barrier(env)  # every rank waits until rank 0's last.pt is in place (torchrun stops all when one exits)
+        stop.finish()
         name = signal.Signals(stop.signum).name if stop.signum else "a stop signal"
-        msg = f"{name}: saved {paths['last']} at iteration {done}; resume with --resume"
         if main_rank:
+            msg = f"{name}: saved {paths['last']} at iteration {done}; resume with --resume" if save else \
+                f"{name}: {paths['last']} (iteration {done}) is kept; resume with --resume"
             say(f"[train] {msg}", echo=False)  # main prints it
-        raise Interrupted(msg)
+        else:  # only rank 0 writes: the others say what they did
+            msg = f"{name}: rank {env.rank} stopped after iteration {done} (rank 0 writes {paths['last']})"
+        raise Interrupted(msg, stop.signum)
     return results
+
+
+def missed_evaluation(cfg, metrics_path, start, max_iter) -> bool:
+    """Whether iteration `start` (a resumed run's) was due an evaluation that metrics.jsonl lacks: a stop signal
+    during that evaluation skipped it; the resumed run does it first."""
+    due = cfg.eval_every and (start % cfg.eval_every == 0 or start == max_iter)
+    if not due or not Path(metrics_path).is_file():
+        return False
+    return not any(r.get("iter") == start and "eval" in r for r in read_metrics(metrics_path, lambda *a, **k: None))
+
+
+def any_rank(env, flag: bool) -> bool:
+    """Whether `flag` is True on any rank (a MAX all-reduce over the control group; every rank must call it)."""
+    if env.world == 1:
+        return flag
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=env.control)
+    return bool(t[0] > 0)

@@ -16,6 +16,8 @@ Usage:
 """
 import argparse
 import copy
+import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ import checkpoints
 import clouds
 import data
 import evaluate
+import ops
 import preflight
 import refine
 import runs
@@ -275,18 +278,18 @@ def pseudo_targets(model, teacher, samples, predictor, refine_cfg, device, keep_
     images = pad_batch([s["image"].to(device, non_blocking=True) for s in samples], 0)  # (G, 3, H, W) on the device
     labels = model.predict(images, **teacher_inputs(teacher))  # (G, H, W) int64, stays on the device
     t1 = _sync(device, profile)
-    targets, records = [], []
-    for s, image, label in zip(samples, images, labels):
-        h, w = s["image"].shape[-2:]
-        image, label = image[:, :h, :w], label[:h, :w]  # (3, h, w) uint8 clean flipped image, (h, w) on the device
-        if predictor is None:
-            t = clouds.targets_from_label(label)
-        else:  # Sec. 3.3: SAM refinement; the points come from a CPU generator seeded per sample (rank-independent)
-            generator = torch.Generator().manual_seed(s["refine_seed"])
-            t = refine.pseudo_label_target(image, label, predictor, refine_cfg, generator)  # on the device
-        targets.append(t)
-        if keep_records:  # device tensors; plot_pseudo_labels (data.colorize) copies them to the host when it draws
-            records.append((s["image"].permute(1, 2, 0).numpy(), label, refine.label_map(t["labels"], t["masks"])))
+    crops = [(image[:, :h, :w], label[:h, :w]) for s, image, label in zip(samples, images, labels)
+             for h, w in [s["image"].shape[-2:]]]  # (3, h, w) uint8 clean flipped image, (h, w) on the device
+    if predictor is None:  # §4.2: the dense teacher masks (one host transfer for all of them)
+        targets = clouds.targets_from_labels([label for _, label in crops])
+    else:  # Sec. 3.3: SAM refinement; the points come from a CPU generator seeded per sample (rank-independent)
+        targets = [refine.pseudo_label_target(image, label, predictor, refine_cfg,
+                                              torch.Generator().manual_seed(s["refine_seed"]))  # on the device
+                   for s, (image, label) in zip(samples, crops)]
+    records = []
+    if keep_records:  # device tensors; plot_pseudo_labels copies them to the host when it draws (at a save)
+        records = [(s["image"].permute(1, 2, 0).numpy(), label, refine.label_map(t["labels"], t["masks"]))
+                   for s, (_, label), t in zip(samples, crops, targets)]
     return targets, records, t1 - t0, _sync(device, profile) - t1
 
 
@@ -328,39 +331,43 @@ def train_step(state, batch, it):
         pseudo = iter(targets_gen)
         state.records = (records + (state.records or []))[:4]  # the 4 latest, for the pseudo-label PNG
     t1 = _sync(device, cfg.profile)
-    targets = []
-    for s in batch:  # source padding is label 255: negatives for every mask, like the official black padding (§9.16)
-        t = _pad_target(next(pseudo), size) if s["generated"] else \
-            clouds.targets_from_label(pad_batch([s["label"].to(device, non_blocking=True)], data.IGNORE_INDEX, size)[0])
-        targets.append({k: v.to(device) for k, v in t.items()})  # already there (kept for CPU-only predictors)
+    # source padding is label 255: negatives for every mask, like the official black padding (§9.16); the class lists
+    # of all source labels reach the host in one transfer (criterion.targets_from_labels)
+    labels = [pad_batch([s["label"].to(device, non_blocking=True)], data.IGNORE_INDEX, size)[0]
+              for s in batch if not s["generated"]]
+    source = iter(clouds.targets_from_labels(labels))
+    targets = [_pad_target(next(pseudo), size) if s["generated"] else next(source) for s in batch]
     outputs = state.student(images)
     runs.check_outputs(state, outputs, it)  # before the matcher: scipy's Hungarian solver dies on NaN costs
     losses = model.criterion(outputs, targets, generator=state.generator)  # §4.3: one call over the mixed batch
     loss = sum(losses.values())
-    finite = torch.tensor(float(torch.isfinite(loss)), device=device)
-    if state.world > 1:  # all ranks stop together, or the others would hang in the next all-reduce
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    if finite.item() < 1:
-        terms = {k: v.item() for k, v in losses.items() if k in ("loss_ce", "loss_mask", "loss_dice")}
-        raise TrainError(f"non-finite loss at {state.phase} iteration {it}: total {loss.item()}, final-layer terms "
-                         f"{terms}. Stopped before the optimizer step; the last good checkpoint "
-                         f"({runs.last_good(state)}) is kept. Lower --lr or check the inputs, then rerun with "
-                         f"--resume.")
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(state.params, cfg.clip_grad)  # official: full model, L2 0.01
-    if not torch.isfinite(grad_norm):
-        raise TrainError(f"non-finite gradient norm at {state.phase} iteration {it} (loss {loss.item():.4f}). "
+    # ONE host transfer per iteration for the checks and the logged numbers: the loss, its final-layer terms, the
+    # gradient norm and whether the loss and the norm are finite on every rank (MIN: all ranks stop together, or
+    # the others would hang in the next all-reduce). A non-finite value raises BEFORE the optimizer step.
+    terms = ("loss_ce", "loss_mask", "loss_dice")
+    values = torch.stack([loss.detach(), *(losses[k].detach() for k in terms), grad_norm.detach()]).float()
+    finite = torch.isfinite(values[0::4]).float()  # (loss, gradient norm); a slice: no host index tensor
+    if state.world > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    host = torch.cat([values, finite]).cpu().tolist()
+    value, (loss_ok, grad_ok) = dict(zip(("loss", *terms, "grad_norm"), host[:5])), host[5:]
+    if loss_ok < 1:
+        raise TrainError(f"non-finite loss at {state.phase} iteration {it}: total {value['loss']}, final-layer terms "
+                         f"{ {k: value[k] for k in terms} }. Stopped before the optimizer step; the last good "
+                         f"checkpoint ({runs.last_good(state)}) is kept. Lower --lr or check the inputs, then rerun "
+                         f"with --resume.")
+    if grad_ok < 1:
+        raise TrainError(f"non-finite gradient norm at {state.phase} iteration {it} (loss {value['loss']:.4f}). "
                          f"Stopped before the optimizer step; the last good checkpoint ({runs.last_good(state)}) is "
                          f"kept. Lower --lr, then rerun with --resume.")
     state.optimizer.step()
     state.scheduler.step()
     t2 = _sync(device, cfg.profile)
-    terms = {k: v.item() for k, v in losses.items() if k in ("loss_ce", "loss_mask", "loss_dice")}
-    return {"loss": loss.item(), **terms, "n_gen": len(gen), "grad_norm": float(grad_norm),
-            "time_teacher": t_teacher, "time_refine": t_refine, "time_student": t2 - t1, "time_iter": t2 - t0,
-            "cpu_iter": time.process_time() - cpu0}
-
+    return {**value, "n_gen": len(gen), "time_teacher": t_teacher, "time_refine": t_refine,
+            "time_student": t2 - t1, "time_iter": t2 - t0, "cpu_iter": time.process_time() - cpu0}
 
 
 
@@ -376,8 +383,11 @@ def prepare_inputs(cfg, env, p_gen: float = None) -> dict:
     train_tf = data.TrainTransform(cfg.crop_size, (cfg.scale_min, cfg.scale_max))  # §1.7: rescale, crop, jitter, flip
     inputs = {"source": data.build_dataset(cfg.source, cfg.data_root, SOURCES[cfg.source].split, train_tf),
               "generated": None, "predictor": None, "p_gen": 0.0, "eval_sets": runs.build_eval_sets(cfg),
+              "eval_loader": None,
               "refine_cfg": refine.RefineConfig(min_area=cfg.sam_min_area, num_points=cfg.sam_num_points,
                                                 mode=cfg.sam_mode, uncovered=cfg.sam_uncovered)}
+    if inputs["eval_sets"]:  # one set of reader processes for every evaluation of the run
+        inputs["eval_loader"] = runs.EvalLoader(inputs["eval_sets"], cfg.workers, env.device.type == "cuda")
     if "joint" in phases and cfg.p_gen != 0:
         inputs["generated"] = data.build_dataset("generated", cfg.synthetic, transform=data.GeneratedTransform())
         inputs["p_gen"] = resolved_p_gen(cfg, len(inputs["source"]), len(inputs["generated"]))
@@ -405,6 +415,10 @@ def build_state(cfg, phase, model, env, inputs, last, max_iter) -> RunState:
         # Only the trainable student is wrapped: the frozen backbone, the EMA teacher and SAM are outside DDP, so every
         # wrapped parameter gets a gradient and find_unused_parameters=False is correct. official bug (reference
         # §9.12): the whole model (EMA head, SAM, void_embedding) was wrapped with find_unused_parameters=False.
+        # what stays off the device (the CLIP text tower of a trained backbone: clouds.CLIPBackbone._apply) is
+        # frozen and never broadcast (NCCL only takes device tensors)
+        off = [n for n, t in (*student.named_parameters(), *student.named_buffers()) if t.device != env.device]
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(student, off)
         student = nn.parallel.DistributedDataParallel(
             student, device_ids=[env.device.index] if env.device.type == "cuda" else None,
             find_unused_parameters=False)
@@ -435,6 +449,7 @@ def run_phase(cfg, phase, model, env, inputs, out_dir) -> dict:
     say = inputs.get("say") or runs.RunLog(out_dir / "log.txt", main_rank)
     if env.device.type == "cuda":  # --tf32: on, as torch 1.7-1.11 did by default (matmul TF32 off since 1.12)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.benchmark = True  # fixed crops: the fastest convolution kernels, found once per shape
     state = build_state(cfg, phase, model, env, inputs, paths["last"], max_iter)
     start = runs.restore_state(paths["last"], state) if cfg.resume and paths["last"].is_file() else 0
     if start >= max_iter > 0:  # a finished phase (--phase all resumed in the joint phase): nothing to run again
@@ -468,8 +483,7 @@ def run_phase(cfg, phase, model, env, inputs, out_dir) -> dict:
         runs.write_plots(cfg, state, paths)
         if results:  # the per-class IoU of the phase's last evaluation
             say(f"[{phase}] per-class IoU (%) at iteration {max_iter}:\n" + evaluate.format_table(results))
-    if env.world > 1:
-        dist.barrier()
+    runs.barrier(env)
     return {"phase": phase, "iterations": max_iter, "start": start, "p_gen": p_gen, "eval": results,
             **{k: str(v) for k, v in paths.items() if v.is_file() or k == "model_final"}}
 
@@ -483,6 +497,10 @@ def phase_loop(state, loader, env, inputs, log, say, start, max_iter, paths) -> 
     results, window, it = {}, [], start
     bar = tqdm(range(start, max_iter), desc=phase, disable=not (cfg.progress and main_rank), dynamic_ncols=True)
     try:
+        stop.armed = True  # a signal from here on lets the iteration finish, then saves last.pt
+        if start and runs.missed_evaluation(cfg, paths["metrics"], start, max_iter):  # a stop cut it short
+            results = runs.after_iteration(state, env, inputs, log, say, stop, start, max_iter, paths,
+                                           save=False) or results
         for it in bar:
             state.generator.manual_seed(_seed(cfg.seed, int(joint), env.rank, it))  # criterion points: f(iteration)
             if joint:  # official: EMA step at the start of the forward, from the student after the previous step
@@ -511,8 +529,9 @@ def phase_loop(state, loader, env, inputs, log, say, start, max_iter, paths) -> 
         msg = f"interrupted inside {phase} iteration {it}: {kept}; resume with --resume"
         if main_rank:
             say(f"[train] {msg}", echo=False)  # main prints it
-        raise Interrupted(msg) from None
+        raise Interrupted(msg, signal.SIGINT) from None
     finally:
+        stop.armed = False
         del batches
         log.close()
     return results
@@ -527,66 +546,89 @@ def resolved_p_gen(cfg, n_source: int, n_generated: int) -> float:
                                                                cfg.source_factor)
 
 
-def train(cfg: TrainConfig, notes=()) -> dict:
+def train(cfg: TrainConfig, notes=(), linger=False) -> dict:
     """Run the configured phase(s). `--phase all`: OUT/warmup, then OUT/joint from the warmup weights. The preflight
-    runs first: a run that cannot finish raises Problems before any model is built or any file is written. Rank 0
-    then holds OUT/train.lock (runs.OutLock) until the run ends: a second run on the same --out fails at once."""
-    env = runs.setup_distributed(cfg.device)
-    lock = None
+    runs first, on every rank: a run that cannot finish raises Problems (on every rank) before any model is built or
+    any file is written. Rank 0 then holds OUT/train.lock (runs.OutLock) until the run ends: a second run on the same
+    --out fails at once. Stop signals: runs.StopFlag (`linger`: this process exits right after; main's docstring)."""
+    env, lock = None, None
+    with runs.StopFlag(linger) as stop:
+        try:
+            env = runs.setup_distributed(cfg.device)
+            lock = runs.OutLock(Path(cfg.out)) if env.rank == 0 else None
+            return _train(cfg, notes, env, stop, lock)
+        except KeyboardInterrupt:  # a signal outside the iteration loop (preparing, between phases): nothing to save
+            signum = stop.signum or signal.SIGINT
+            raise Interrupted(f"{signal.Signals(signum).name} outside the training loop (while preparing the run or "
+                              f"between phases): nothing was being trained; --resume continues from the last saved "
+                              f"state", signum) from None
+        finally:
+            if lock is not None:
+                lock.release()
+            if env is not None and env.started:
+                dist.destroy_process_group()
+
+
+def _train(cfg, notes, env, stop, lock) -> dict:
+    main_rank = env.rank == 0
+    # The preflight runs on every rank (datasets may sit on node-local disks); the ranks then agree on the verdict
+    # BEFORE rank 0 writes anything, so a slow rank never finds rank 0's new files in --out ("already holds a run").
     try:
         info = preflight.preflight(cfg, env, SOURCES[cfg.source].split,
                                    p_gen_of=lambda n_src, n_gen: resolved_p_gen(cfg, n_src, n_gen))
-        out = Path(cfg.out)
-        main_rank = env.rank == 0
-        took_over = None
-        if main_rank:  # from here on rank 0 writes to --out: one run at a time (only rank 0 holds the lock)
-            lock = runs.OutLock(out)
-            took_over = lock.acquire()
-        if main_rank and cfg.overwrite:  # the old run's files go, so nothing stale mixes with the new run
-            for d in {out, *preflight.phase_dirs(cfg).values()}:
-                for name in (*preflight.RUN_FILES, "log.txt", "model_final.pt"):
-                    (d / name).unlink(missing_ok=True)
-        say = runs.RunLog(out / "log.txt", main_rank)
-        runs.log_start(say, cfg, info, notes)
-        if took_over:
-            say(f"[train] note: {took_over}")
-        inputs = prepare_inputs(cfg, env)
-        inputs.update(say=say)
-        torch.manual_seed(cfg.seed)  # identical random init on every rank (DDP also broadcasts rank 0's weights)
-        weights = cfg.clip_weights or cfg.backbone_weights
-        overrides = {"pretrained": weights} if weights else {}
-        model = clouds.build_model(cfg.preset, train_backbone=cfg.train_backbone, backbone_bf16=cfg.backbone_bf16,
-                                   classifier=cfg.classifier, backbone=cfg.backbone, tuning=cfg.tuning,
-                                   rein_rank=cfg.rein_rank, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                                   lora_targets=cfg.lora_targets, **overrides)
-        if cfg.weights:
-            runs.load_weights(model, cfg.weights)
-        model.to(env.device)
-        if main_rank:
-            runs.write_json(info["config"], out / "config.json")
-        phases = ("warmup", "joint") if cfg.phase == "all" else (cfg.phase,)
-        results = {}
-        with runs.StopFlag() as stop:
-            inputs.update(stop=stop)
-            try:
-                for phase in phases:
-                    results[phase] = run_phase(cfg, phase, model, env, inputs,
-                                               out / phase if cfg.phase == "all" else out)
-            except TrainError as e:
-                try:
-                    say(f"[train] {e}", echo=False)  # main prints it
-                except OSError:  # a full disk may refuse the log line too; the message still reaches main
-                    pass
-                raise
-        if main_rank:
-            say(done_message(cfg, out, results))
-        return {"out": str(out), "config": str(out / "config.json"), "phases": results,
-                "final": results[phases[-1]]["eval"]}
-    finally:
-        if lock is not None:
-            lock.release()
-        if env.started:
-            dist.destroy_process_group()
+        problems = None
+    except Problems as e:
+        info, problems = None, e
+    if runs.any_rank(env, problems is not None):  # a rank without problems of its own stays quiet (main)
+        raise problems or Problems(["another rank cannot start (its message lists why); fix that, then rerun"],
+                                   quiet=True)
+    # ---- from here on rank 0 writes into --out: the lock, the --overwrite deletions, then log.txt, config.json ----
+    out = Path(cfg.out)
+    try:  # one run at a time in --out (only rank 0 holds the lock); every rank stops if it is taken
+        took_over, taken = (lock.acquire() if lock is not None else None), None
+    except Problems as e:
+        took_over, taken = None, e
+    if runs.any_rank(env, taken is not None):
+        raise taken or Problems(["rank 0 could not lock --out (its message says why)"], quiet=True)
+    if main_rank and cfg.overwrite:  # the old run's files go, so nothing stale mixes with the new run
+        for d in {out, *preflight.phase_dirs(cfg).values()}:
+            for name in (*preflight.RUN_FILES, "log.txt", "model_final.pt"):
+                (d / name).unlink(missing_ok=True)
+    say = runs.RunLog(out / "log.txt", main_rank)
+    runs.log_start(say, cfg, info, notes)
+    if took_over:
+        say(f"[train] note: {took_over}")
+    inputs = prepare_inputs(cfg, env)
+    inputs.update(say=say, stop=stop)
+    if main_rank:  # which implementation each op resolved to (a silent fallback is a 40k-iteration slowdown)
+        say("[train] ops: " + ", ".join(f"{op} {impl}" for op, impl in ops.resolved_impls().items()))
+    torch.manual_seed(cfg.seed)  # identical random init on every rank (DDP also broadcasts rank 0's weights)
+    weights = cfg.clip_weights or cfg.backbone_weights
+    overrides = {"pretrained": weights} if weights else {}
+    model = clouds.build_model(cfg.preset, train_backbone=cfg.train_backbone, backbone_bf16=cfg.backbone_bf16,
+                               classifier=cfg.classifier, backbone=cfg.backbone, tuning=cfg.tuning,
+                               rein_rank=cfg.rein_rank, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                               lora_targets=cfg.lora_targets, **overrides)
+    if cfg.weights:
+        runs.load_weights(model, cfg.weights)
+    model.to(env.device)
+    if main_rank:
+        runs.write_json(info["config"], out / "config.json")
+    phases = ("warmup", "joint") if cfg.phase == "all" else (cfg.phase,)
+    results = {}
+    try:
+        for phase in phases:
+            results[phase] = run_phase(cfg, phase, model, env, inputs, out / phase if cfg.phase == "all" else out)
+    except TrainError as e:
+        try:
+            say(f"[train] {e}", echo=False)  # main prints it
+        except OSError:  # a full disk may refuse the log line too; the message still reaches main
+            pass
+        raise
+    if main_rank:
+        say(done_message(cfg, out, results))
+    return {"out": str(out), "config": str(out / "config.json"), "phases": results,
+            "final": results[phases[-1]]["eval"]}
 
 
 def done_message(cfg, out: Path, results: dict) -> str:
@@ -607,20 +649,36 @@ def done_message(cfg, out: Path, results: dict) -> str:
 def main(argv=None) -> dict:
     """Train (or, with --demo, run the ToyCity ablation of demo.py). Returns the summary dict (final metrics, paths).
 
-    A run that cannot start prints ONE message listing every problem and exits 2 (usage errors too, via argparse); a
-    run stopped on bad state exits 1; Ctrl-C / SIGTERM saves last.pt and exits 130. --debug shows the tracebacks."""
+    Exit codes (README "Stopping, preemption, exit codes"):
+      0    done;
+      1    stopped on bad state (non-finite outputs, loss or gradients; an unreadable checkpoint): the message says
+           what to do; last.pt holds the last good state;
+      2    cannot start: ONE message listing every problem (usage errors too, via argparse); nothing was written;
+      130  stopped by SIGINT (Ctrl-C), 143 by SIGTERM, SIGUSR1 or SIGHUP: the current iteration (or evaluation)
+           finished, rank 0 saved last.pt and every rank waited for it; rerun with --resume. (A second Ctrl-C more
+           than 5 s after the first aborts without saving, also 130; last.pt keeps its previous save.)
+    Run as a script (argv None), a stopped process keeps its exit code even if torchrun signals it again while it
+    exits. --debug shows the tracebacks."""
     cfg, notes = parse_args(argv)
     try:
         if cfg.demo:
             import demo  # lazy: demo.py imports this file
 
             return demo.run_demo(cfg)
-        return train(cfg, notes)
+        return train(cfg, notes, linger=argv is None)
     except (Problems, TrainError, Interrupted) as e:
         if cfg.debug:
             raise
-        print(f"train.py: {e}" if not isinstance(e, Problems) else e, file=sys.stderr, flush=True)
-        raise SystemExit(2 if isinstance(e, Problems) else 130 if isinstance(e, Interrupted) else 1) from None
+        code = 2 if isinstance(e, Problems) else e.code if isinstance(e, Interrupted) else 1
+        # one message per job: another rank's problems print on that rank only; a TrainError (every rank raises the
+        # same one) in full on rank 0, as one line on the others; each rank says how it stopped
+        rank = os.environ.get("RANK", "0")
+        if isinstance(e, TrainError) and rank != "0":
+            print(f"train.py: rank {rank}: {runs.first_line(e)}", file=sys.stderr, flush=True)
+        elif not getattr(e, "quiet", False):
+            print(e if isinstance(e, Problems) else f"train.py: {e}" + (f" (exit {code})" if code != 1 else ""),
+                  file=sys.stderr, flush=True)
+        raise SystemExit(code) from None
     except OSError as e:  # e.g. a full disk under log.txt, metrics.jsonl or a plot: one line, exit 1
         if cfg.debug:
             raise

@@ -155,6 +155,8 @@ class TrainConfig:
     # speed (ours)
     tf32: bool = _field(True, "TF32 matmuls/convs on CUDA; on: the official torch 1.9 default (§9.13)")
     profile: bool = _field(False, "CUDA-synchronized time_teacher/refine/student (extra syncs); off: host times")
+    allow_ops_fallback: bool = _field(False, "on CUDA, train with the pure-PyTorch ops when csrc/ does not build "
+                                             "(several times slower); off: stop before training with the build error")
 
 
     def __post_init__(self):

@@ -6,6 +6,8 @@ the official p_gen of GTA (28.7%, reference §1.6), both phases, a few iteration
 resolution: GTA-layout images at 1052x1914 (raw palette labels, converted with data.convert) and 768x768 "generated"
 images in generate.py's output layout. Each mode runs in its own process (so its peak memory is its own):
   fp32: backbone in fp32 (and --no-tf32 on CUDA);  fast: --backbone-bf16 (and --tf32 on CUDA).
+Each run draws the plots, saves last.pt and evaluates 2 Cityscapes-layout images at 1024x2048 at the end of each
+phase; then the last run is resumed for one more joint iteration (--resume: the path a preempted job takes).
 Prints seconds per iteration (median after the first), the teacher / refinement / student split (--profile: CUDA-
 synchronized), the peak memory (CPU: the process's peak RSS, VmHWM; CUDA: torch.cuda.max_memory_allocated) and the
 hours of a full 40k warmup + 40k joint GTA run this implies on this machine; writes a JSON and a markdown table.
@@ -36,8 +38,9 @@ OFFICIAL_P_GEN = 0.287       # reference §1.6: GTA 24,904 images vs 5000 genera
 FULL_ITERS = (40000, 40000)  # reference §1.4: GTA warmup and joint MAX_ITER
 # Cityscapes train id -> labelId (the raw ids GTA5's palette PNGs hold; data.convert maps them back)
 TRAIN_TO_LABEL_ID = np.array([7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33], np.uint8)
-SIZES = {False: {"gta": (1052, 1914), "generated": (768, 768), "crop": 768},   # real: GTA5 1052x1914, SD 768x768
-         True: {"gta": (132, 240), "generated": (96, 96), "crop": 64}}         # --tiny
+SIZES = {False: {"gta": (1052, 1914), "generated": (768, 768), "crop": 768, "city": (1024, 2048)},  # real sizes
+         True: {"gta": (132, 240), "generated": (96, 96), "crop": 64, "city": (64, 128)}}          # --tiny
+EVAL_IMAGES = 2  # Cityscapes-layout val images, evaluated at the end of each phase (at 1024x2048, §8.1)
 
 
 # ---- inputs: ToyCity at real resolution, random-init weights files ----
@@ -61,6 +64,18 @@ def write_data(root: Path, tiny: bool, num_gta: int = 4, num_generated: int = 4)
         label_path.write_bytes(toycity._encode(raw, palette=toycity._GTA_PALETTE))  # P mode, like GTA5's labels
         Image.fromarray(image).save(image_path)
     data.convert("gta", str(root / "datasets"), nproc=1, progress=False)
+    city = root / "datasets" / "cityscapes"
+    for i in range(EVAL_IMAGES):  # the evaluation set: Cityscapes layout, train ids written directly
+        stem = f"toycity_000000_{i:06d}"
+        image_path = city / "leftImg8bit" / "val" / "toycity" / f"{stem}_leftImg8bit.png"
+        label_path = city / "gtFine" / "val" / "toycity" / f"{stem}_gtFine_labelTrainIds.png"
+        if image_path.is_file() and label_path.is_file():
+            continue
+        image, label = toycity.render_scene("cityscapes", seed=100 + i, size=size["city"])
+        image_path.parent.mkdir(parents=True, exist_ok=True)
+        label_path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(image_path)
+        data.save_png(label, label_path)
     gen = root / "generated" / "images"
     gen.mkdir(parents=True, exist_ok=True)
     for j in range(num_generated):
@@ -96,11 +111,13 @@ def write_weights(root: Path, tiny: bool) -> dict:
 
 def train_argv(args, mode: str, datasets: Path, generated: Path, weights: dict, out: Path) -> list:
     crop = SIZES[args.tiny]["crop"]
+    # plots on, a save (last.pt) and an evaluation of EVAL_IMAGES Cityscapes-layout images at the end of each phase
     argv = ["--source", "gta", "--data-root", str(datasets), "--synthetic", str(generated), "--out", str(out),
             "--crop-size", str(crop), "--batch-size", str(args.batch_size), "--iters-warmup", str(args.iters),
-            "--iters-joint", str(args.iters), "--eval-every", "0", "--log-every", "1", "--workers", str(args.workers),
-            "--p-gen", str(args.p_gen), "--device", args.device, "--profile", "--no-plots", "--no-progress",
-            "--backbone-bf16" if mode == "fast" else "--no-backbone-bf16",
+            "--iters-joint", str(args.iters), "--eval-every", str(args.iters), "--eval-sets", "cityscapes",
+            "--eval-max", str(EVAL_IMAGES), "--test-short-side", str(SIZES[args.tiny]["city"][0]), "--log-every",
+            "1", "--workers", str(args.workers), "--p-gen", str(args.p_gen), "--device", args.device, "--profile",
+            "--no-progress", "--overwrite", "--backbone-bf16" if mode == "fast" else "--no-backbone-bf16",
             "--tf32" if mode == "fast" else "--no-tf32"]
     if args.tiny:  # the official 5000 px threshold scaled to the crop, like the demo (demo.run_demo)
         return argv + ["--preset", "tiny", "--sam", "toy", "--sam-min-area", str(round(5000 * (crop / 768) ** 2))]
@@ -143,10 +160,20 @@ def child(args, mode: str, datasets: Path, generated: Path, weights: dict) -> di
     import torch
     import train
 
+    resume = mode == "resume"  # the last mode's run again with --resume and one more joint iteration
+    mode = args.modes[-1] if resume else mode
     out = Path(args.work) / f"run_{args.device.replace(':', '')}_b{args.batch_size}_{mode}"
+    argv = train_argv(args, mode, datasets, generated, weights, out)
+    if resume:
+        argv = [a for a in argv if a != "--overwrite"] + ["--resume", "--allow-config-change", "--iters-joint",
+                                                          str(args.iters + 1)]
     t0 = time.perf_counter()
-    train.main(train_argv(args, mode, datasets, generated, weights, out))
+    summary = train.main(argv)
     wall = time.perf_counter() - t0
+    if resume:
+        joint = summary["phases"]["joint"]
+        return {"resumed_from": joint["start"], "iterations": joint["iterations"], "wall_s": wall,
+                "eval": {k: v["mIoU"] for k, v in joint["eval"].items()}}
     phases = {}
     for phase in ("warmup", "joint"):
         recs = [json.loads(ln) for ln in (out / phase / "metrics.jsonl").read_text().splitlines() if ln]
@@ -206,6 +233,8 @@ def parse_args(argv=None):
     parser.add_argument("--tiny", action="store_true", help="smoke mode: tiny preset, toy SAM, small images")
     parser.add_argument("--work", default="runs/real_scale", help="data, weights and runs are written here")
     parser.add_argument("--json", default=None, help="results file (default: WORK/real_scale[_tiny]_DEVICE.json)")
+    parser.add_argument("--resume-check", action=argparse.BooleanOptionalAction, default=True,
+                        help="rerun the last mode with --resume and one more joint iteration")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -245,6 +274,19 @@ def main(argv=None) -> dict:
             raise RuntimeError(f"real_scale {mode} run failed (exit {run.returncode}):\n{run.stderr[-4000:]}")
         results.append(json.loads(lines[-1].split(" ", 1)[1]))
         print(f"[real_scale] {mode} done in {results[-1]['wall_s']:.0f} s: {json.dumps(results[-1])}", flush=True)
+    resumed = None
+    if args.resume_check:  # the last run again: --resume, one more joint iteration (its evaluation included)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "resume", "--device", args.device,
+               "--batch-size", str(args.batch_size), "--iters", str(args.iters), "--workers", str(args.workers),
+               "--p-gen", str(args.p_gen), "--work", args.work, "--modes", *args.modes,
+               *(["--tiny"] if args.tiny else [])]
+        run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        lines = [ln for ln in run.stdout.splitlines() if ln.startswith("REAL_SCALE_RESULT ")]
+        if run.returncode or not lines:
+            raise RuntimeError(f"real_scale resume run failed (exit {run.returncode}):\n{run.stderr[-4000:]}")
+        resumed = json.loads(lines[-1].split(" ", 1)[1])
+        print(f"[real_scale] resume: joint resumed from iteration {resumed['resumed_from']}, ran to "
+              f"{resumed['iterations']} in {resumed['wall_s']:.0f} s (mIoU {resumed['eval']})", flush=True)
     load = os.getloadavg()
     caption = (f"Real scale ({'tiny smoke mode' if args.tiny else 'convnext_large + MobileSAM vit_t, random weights'}"
                f", crops {SIZES[args.tiny]['crop']}, GTA images {SIZES[args.tiny]['gta'][0]}x"
@@ -254,7 +296,8 @@ def main(argv=None) -> dict:
                f"medians (joint: student + p_gen x batch x teacher+SAM seconds per generated sample).")
     table = markdown(results, caption)
     print(table)
-    summary = {"results": results, "caption": caption, "table": table, "inputs_s": t_inputs, "loadavg": load}
+    summary = {"results": results, "caption": caption, "table": table, "inputs_s": t_inputs, "loadavg": load,
+               "resume": resumed}
     path = Path(args.json or Path(args.work) / f"real_scale{'_tiny' if args.tiny else ''}_"
                 f"{args.device.replace(':', '')}.json")
     path.parent.mkdir(parents=True, exist_ok=True)

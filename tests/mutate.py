@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CLOUDS_TESTS = ("tests/test_golden.py", "tests/test_clouds.py")
 WIRING = "tests/test_wiring.py"
 DDP = f"{WIRING}::test_ddp_first_step_gradients_match_single_process"
+STRICT, MULTI = "tests/test_device_strict.py", "tests/test_multiproc.py"
+BUDGET = f"{STRICT}::test_sync_budget_of_a_joint_iteration"
 
 # (name, file, old, new, test files or node ids)
 MUTATIONS = [
@@ -38,8 +40,7 @@ MUTATIONS = [
     ("masked_attention_inverted", "clouds.py",  # Mask2Former: a query attends where its mask is >= 0.5
      "m = (m.sigmoid().flatten(2) < 0.5).detach()", "m = (m.sigmoid().flatten(2) > 0.5).detach()", CLOUDS_TESTS),
     ("msdeform_normalizer_hw", "clouds.py",  # offsets are in pixels, normalized by (w, h) of each level
-     "normalizer = torch.tensor([[w, h] for h, w in shapes]", "normalizer = torch.tensor([[h, w] for h, w in shapes]",
-     CLOUDS_TESTS),
+     "out[lvl, 0], out[lvl, 1] = w, h", "out[lvl, 0], out[lvl, 1] = h, w", CLOUDS_TESTS),
     ("matcher_class_mask_weights_swapped", "criterion.py",  # official cost_class 2, cost_mask 5
      "C = self.cost_mask * cost_mask + self.cost_class * cost_class",
      "C = self.cost_class * cost_mask + self.cost_mask * cost_class", CLOUDS_TESTS),
@@ -56,7 +57,7 @@ MUTATIONS = [
      'pad_batch([s["image_aug"].to(device, non_blocking=True) for s in samples], 0)',
      (WIRING,)),
     ("sam_fed_jittered_image", "train.py",  # §4.3: SAM refines on the clean flipped image
-     'image, label = image[:, :h, :w], label[:h, :w]', 'image, label = s["image_aug"].to(device), label[:h, :w]',
+     'crops = [(image[:, :h, :w], label[:h, :w])', 'crops = [(s["image_aug"].to(device), label[:h, :w])',
      (WIRING,)),
     ("teacher_and_sam_fed_jittered_image", "data.py",  # §1.7: `image` stays un-jittered (teacher and SAM input)
      'return {**sample, "image": _to_chw(img), "image_aug": _to_chw(aug)',
@@ -107,6 +108,39 @@ MUTATIONS = [
     ("slide_counts_ignored", "evaluate.py",  # overlapping windows are averaged
      "    scores = total / count  # (B, C, H, W)", "    scores = total  # (B, C, H, W)",
      ("tests/test_eval_protocol.py",)),
+    # ---- issue 15: the GPU path (device-strict tensors, host syncs, signals, several ranks) ----
+    ("plot_numpy_of_device_labels", "runs.py",  # finding 1: CUDA tensors refuse numpy
+     "records = [(np.asarray(image), _host(teacher), _host(refined))",
+     "records = [(np.asarray(image), teacher, refined)", (f"{STRICT}::test_plot_of_device_labels",)),
+    ("matcher_indices_blocking_copy", "criterion.py",  # finding 5: the indices come back asynchronously
+     "flat = flat.to(device, non_blocking=True)", "flat = flat.to(device)", (BUDGET,)),
+    ("msdeform_normalizer_host_tensor", "clouds.py",  # finding 5: a torch.tensor(..., device) per forward
+     "normalizer = level_sizes(shapes, query)  # (nL, 2)",
+     "normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=query.dtype, device=query.device)", (BUDGET,)),
+    ("loss_item_per_term", "train.py",  # finding 5: one host transfer for every logged number
+     "host = torch.cat([values, finite]).cpu().tolist()",
+     "host = [v.item() for v in torch.cat([values, finite])]", (f"{STRICT}::test_sync_budget_of_a_joint_iteration",)),
+    ("no_barrier_after_the_stop_save", "runs.py",  # finding 3: every rank waits for rank 0's last.pt
+     "        barrier(env)  # every rank waits", "        pass  # every rank waits",
+     (f"{MULTI}::test_stop_signal_saves_once_and_every_rank_exits_143[workers]",)),
+    ("forwarded_ctrl_c_aborts", "runs.py",  # finding 3: torchrun forwards the Ctrl-C the workers already got
+     "REPEAT_GRACE = 5.0", "REPEAT_GRACE = 0.0", ("tests/test_gpu_path.py::test_repeated_signals",)),
+    ("stop_not_polled_in_evaluation", "evaluate.py",  # finding 3: a stop during an evaluation
+     "if stop is not None and i % STOP_POLL == 0 and i < common and stop():",
+     "if False:", ("tests/test_gpu_path.py::test_stop_during_evaluation_saves_then_resume_redoes_the_evaluation",)),
+    ("rank0_writes_before_the_verdict", "train.py",  # finding 6: the preflight race
+     "    if runs.any_rank(env, problems is not None):", "    if problems is not None:",
+     (f"{MULTI}::test_rank0_writes_nothing_before_every_rank_checked_out",)),
+    ("cuda_build_failure_ignored", "preflight.py",  # finding 4: stop before training, name the first error
+     "    if cfg.allow_ops_fallback:\n        ops.fallback(problem)", "    if True:\n        ops.fallback(problem)",
+     ("tests/test_gpu_path.py::test_cuda_build_failure_is_a_problem_with_the_first_compiler_error",)),
+    ("label_crop_box_nearest", "data.py",  # finding 7: the label crop is exactly the crop of the rescaled label
+     "lbl = lbl[nearest_positions(H, size[0], y0, h)[:, None], nearest_positions(W, size[1], x0, w)[None, :]]",
+     "lbl = np.array(Image.fromarray(lbl).resize((w, h), Image.NEAREST, box=box))",
+     ("tests/test_data.py::test_train_crop_is_the_crop_of_the_rescaled_sample",)),
+    ("text_tower_moved_to_the_gpu", "clouds.py",  # finding 7: the CLIP text tower stays on the CPU
+     "        if recurse and probe.device != torch.device(\"cpu\"):", "        if False:",
+     (f"{STRICT}::test_modules_move_to_the_device_but_the_clip_text_tower_stays",)),
 ]
 
 

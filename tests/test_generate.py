@@ -288,3 +288,30 @@ def test_help_has_text_choices_and_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "{diffusers,toy}" in text and "(default: 5000)" in text and "(default: 7.5)" in text
     assert "--overwrite" in text and "--debug" in text
+
+
+def test_torchrun_rank_uses_its_gpu_and_merges_take_turns(tmp_path, monkeypatch):
+    """Issue 15: under torchrun each rank makes cuda:LOCAL_RANK the current device (without it, kernels and
+    generators of every rank start on cuda:0); the manifest merges of the ranks hold an OS lock, so they take turns."""
+    import fcntl
+    import threading
+
+    devices = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: devices.append(torch.device(d)))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    generate.main(toy_args(tmp_path / "gpu", 2))
+    assert devices == [torch.device("cuda", 1)]
+    monkeypatch.undo()
+
+    out = tmp_path / "gpu"
+    with open(out / ".manifest.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another rank is merging
+        merged = []
+        worker = threading.Thread(target=lambda: merged.append(generate.merge_manifest(out)))
+        worker.start()
+        worker.join(0.5)
+        assert worker.is_alive() and not merged  # it waits its turn
+        fcntl.flock(held, fcntl.LOCK_UN)
+    worker.join(10)
+    assert merged == [2]

@@ -6,8 +6,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("0. imports", "1. CUDA op tests", "2. bench_ops", "3. real_scale", "4. SD2 UNet step (fp16)",
-            "5. SAM refinement (vit_t, vit_h)", "6. ViT backbones (batch 8 x 768)", "Summary")
+SECTIONS = ("0. imports", "1. build csrc/", "2. CUDA op tests", "3. bench_ops", "4. ms_deform_attn fwd+bwd",
+            "5. real_scale", "6. host syncs per joint iteration", "7. torchrun 2 ranks", "8. SD2 UNet step (fp16)",
+            "9. SAM refinement (vit_t, vit_h)", "10. ViT backbones (batch 8 x 768)", "Summary")
 
 
 def test_gpu_check_dry_run_writes_every_section(tmp_path):
@@ -24,5 +25,7 @@ def test_gpu_check_dry_run_writes_every_section(tmp_path):
     # each step printed its measurement
     assert "one denoising step, batch 2" in text and "vit_h (" in text and "| cpu | 2 | fast |" in text
     assert "| dinov2_l/rein [dinov2_tiny] |" in text and "| eva02_l/lora [eva02_tiny] |" in text
+    assert "built and loaded" in text and "speed-up" in text and "[real_scale] resume: joint resumed from" in text
+    assert "joint iteration at batch 2 on emulated" in text and "synchronizations" in text
     bad = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--bogus"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--dry-run" in bad.stderr

@@ -190,3 +190,9 @@ def test_real_scale_tiny_smoke(tmp_path):
     # the data were written in the real layouts: GTA5 palette labels converted to train ids, generated images
     assert len(list((tmp_path / "tiny" / "datasets" / "gta5" / "labels").glob("*_labelTrainIds.png"))) == 4
     assert len(list((tmp_path / "tiny" / "generated" / "images").glob("im_*_p0.png"))) == 4
+    # issue 15: plots on, a save and an evaluation in each phase, then a resume of one more joint iteration
+    run = tmp_path / "run_cpu_b2_fp32"
+    for name in ("last.pt", "curves.png", "pseudo_labels.png"):
+        assert (run / "joint" / name).is_file(), name
+    assert out["resume"]["resumed_from"] == 2 and out["resume"]["iterations"] == 3
+    assert 0 <= out["resume"]["eval"]["cityscapes"] <= 1

@@ -25,6 +25,7 @@
 #include "cuda_runtime.h"
 
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define CLOUDS_EMU_ASAN 1
 #endif

@@ -159,16 +159,13 @@ def main(argv=None):
         output.append(line)
     proc.wait()
     text = "".join(output)
-    if args.sanitizer == "thread":
-        reports = len(re.findall(r"^WARNING: ThreadSanitizer", text, re.M))
-    else:
-        reports = len(re.findall(r"^ERROR: AddressSanitizer", text, re.M))
-    finished = re.search(r"^\[sanitize\] (\d+) runs, (\d+) mismatches", text, re.M)
     name = {"address": "AddressSanitizer", "thread": "ThreadSanitizer"}[args.sanitizer]
-    print(f"\nsanitize.py: {name}: {reports} report(s); "
+    reports = re.findall(rf"^SUMMARY: {name}: (.*)$", text, re.M)  # one line per report
+    finished = re.search(r"^\[sanitize\] (\d+) runs, (\d+) mismatches", text, re.M)
+    print(f"\nsanitize.py: {name}: {len(reports)} report(s)" + (f" (first: {reports[0]})" if reports else "") + "; "
           + (f"{finished.group(1)} runs, {finished.group(2)} mismatches with the CPU ops" if finished
              else f"the run stopped early (exit code {proc.returncode})"))
-    return 0 if reports == 0 and finished and finished.group(2) == "0" and proc.returncode == 0 else 1
+    return 0 if not reports and finished and finished.group(2) == "0" and proc.returncode == 0 else 1
 
 
 if __name__ == "__main__":

@@ -95,7 +95,8 @@ MUTATIONS = [
      "  } while (!done);", "  } while (false);", (f"{EMUL}::test_emul_components_equal_cpu",)),
     ("uf_flatten_one_hop", CC_CU,  # flatten must follow the whole chain to the root
      "if (p >= 0) volatile_store(parent + i, find_root(parent, static_cast<int32_t>(i)));",
-     "if (p >= 0) volatile_store(parent + i, volatile_load(parent + p));", (f"{EMUL}::test_emul_components_equal_cpu",)),
+     "if (p >= 0) volatile_store(parent + i, volatile_load(parent + p));",
+     (f"{EMUL}::test_emul_components_equal_cpu",)),
     ("uf_row_guard_dropped", CC_CU,  # a batch is one tall image: row r % H == 0 never links to the row above
      "  if (r % H != 0) {", "  if (r > 0) {", (f"{EMUL}::test_emul_components_equal_cpu",)),
     ("uf_diagonal_bound_off_by_one", CC_CU,  # the up-right neighbour exists only for c < W - 1
@@ -117,7 +118,8 @@ MUTATIONS = [
      "  if (n == 0) return;  // no samples (nL or nP is 0): the gradients stay zero\n", "",
      (f"{EMUL}::test_emul_empty_launches",)),
     ("msda_fma_source_coord", "csrc/ms_deform_attn_cuda.cu",  # F1: the CPU kernel's rounding, not nvcc's FMA
-     "return (mul_rn(g + T(1), static_cast<T>(n)) - T(1)) / T(2);", "return fma(g + T(1), static_cast<T>(n), -T(1)) / T(2);",
+     "return (mul_rn(g + T(1), static_cast<T>(n)) - T(1)) / T(2);",
+     "return fma(g + T(1), static_cast<T>(n), -T(1)) / T(2);",
      (f"{EMUL}::test_emul_deform_attn_same_cells_as_cpu",)),
     ("semantic_right_edge_off_by_one", "csrc/masks_to_semantic_cuda.cu",  # the last source column has no right one
      "i1 = i0 + (i0 < in - 1 ? 1 : 0);", "i1 = i0 + (i0 < in ? 1 : 0);", (f"{EMUL}::test_emul_semantic_equal_cpu",)),

@@ -134,7 +134,8 @@ def point_inputs():
     eroded[comp == gone] = -1                                                 # a candidate with no pixel left
     eroded[torch.nonzero(comp == few)[3:].unbind(1)] = -1                     # one with 3 pixels left
     one = torch.zeros((1, 1), dtype=torch.int32)
-    return [("2x45x70", comp, area, 10), ("2x45x70 eroded", eroded, area, 10), ("one pixel", one, torch.ones(1, dtype=torch.long), 0),
+    return [("2x45x70", comp, area, 10), ("2x45x70 eroded", eroded, area, 10),
+            ("one pixel", one, torch.ones(1, dtype=torch.long), 0),
             ("all -1", torch.full((6, 7), -1, dtype=torch.int32), area[:3], 0),
             ("no candidate", comp, area, 10 ** 6)]
 

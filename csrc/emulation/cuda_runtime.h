@@ -169,7 +169,8 @@ inline unsigned __ballot_sync(unsigned mask, int predicate) {
 }
 template <typename T>
 T __shfl_sync(unsigned mask, T var, int src_lane, int width = 32) {
-  const int lane = static_cast<int>(threadIdx.x + threadIdx.y * blockDim.x + threadIdx.z * blockDim.x * blockDim.y) % 32;
+  const unsigned t = threadIdx.x + threadIdx.y * blockDim.x + threadIdx.z * blockDim.x * blockDim.y;
+  const int lane = static_cast<int>(t % 32);
   const int src = (lane & ~(width - 1)) + (src_lane & (width - 1));
   return clouds_emu::from_bits<T>(clouds_emu::warp_collective(clouds_emu::kShfl, mask, clouds_emu::to_bits(var), src));
 }

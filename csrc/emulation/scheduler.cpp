@@ -190,9 +190,9 @@ CLOUDS_EMU_UNCHECKED bool complete(Warp& w, Block& b, unsigned warp_index, const
     if (w.op == kActiveMask) {
       r = w.arrived;
     } else if (w.op == kMatchAny) {
-      for (unsigned k = 0; k < 32; ++k) r |= static_cast<uint64_t>((w.arrived >> k & 1) && w.value[k] == w.value[lane]) << k;
+      for (unsigned k = 0; k < 32; ++k) r |= uint64_t{(w.arrived >> k & 1) && w.value[k] == w.value[lane]} << k;
     } else if (w.op == kBallot) {
-      for (unsigned k = 0; k < 32; ++k) r |= static_cast<uint64_t>((w.arrived >> k & 1) && w.value[k] != 0) << k;
+      for (unsigned k = 0; k < 32; ++k) r |= uint64_t{(w.arrived >> k & 1) && w.value[k] != 0} << k;
     } else {  // kShfl: a source lane outside the mask is undefined on a GPU; here the lane keeps its value
       r = (w.arrived >> w.src[lane] & 1) ? w.value[w.src[lane]] : w.value[lane];
     }

@@ -59,17 +59,25 @@ class OpsConfig:
 # ---- extension loader (stylegan3 get_plugin style: compile on first use, never at import) ----
 
 _loaded = {}          # with_cuda -> path of the loaded library
+_emulated = {}        # emulation build (True, "address", "thread") -> path of the loaded library
 _auto_error = None    # why "auto" fell back to the references (warned once)
 
 
-def load_extension(with_cuda=None, verbose=False):
+def load_extension(with_cuda=None, verbose=False, emulation=False):
     """Build (first call; cached on disk afterwards) and load csrc/ as torch.ops.clouds.*; returns the library path.
 
     with_cuda=None returns the build already loaded, else adds the .cu sources when torch.cuda.is_available(); True
     forces them (they compile without a GPU with a CUDA torch; CUDA_HOME defaults to /usr/local/cuda and
     TORCH_CUDA_ARCH_LIST to 9.0 when no GPU is visible). TORCH_LIBRARY registers the namespace once per process, so
     one process loads one build (names clouds_ops_cpu / clouds_ops_cuda).
+
+    emulation=True loads the CUDA emulation instead (no GPU or CUDA toolkit needed; Linux, GCC or Clang; see
+    _load_emulation): the .cu kernels as host C++, each CUDA thread a fiber, and the CUDA wrappers of csrc/<op>.cpp
+    on CPU tensors as torch.ops.clouds_emu.<op>, beside either normal build in the same process (build clouds_ops_emu).
+    emulation="address" or "thread" builds it with AddressSanitizer or ThreadSanitizer (csrc/emulation/sanitize.py).
     """
+    if emulation:
+        return _load_emulation(emulation, verbose)
     if with_cuda is None and _loaded:
         return next(iter(_loaded.values()))
     with_cuda = torch.cuda.is_available() if with_cuda is None else bool(with_cuda)
@@ -104,6 +112,44 @@ def load_extension(with_cuda=None, verbose=False):
     _register_fakes()
     _loaded[with_cuda] = Path(path)
     return _loaded[with_cuda]
+
+
+def _load_emulation(emulation=True, verbose=False):
+    """Build (first call) and load the CUDA emulation of csrc/ (csrc/emulation/); returns the library path.
+
+    Sources: csrc/*.cpp, csrc/*.cu (compiled as C++ against the stand-in headers in csrc/emulation/, which come first on
+    the include path) and csrc/emulation/*.cpp (the fiber scheduler), with -DWITH_CUDA -DCLOUDS_EMULATION. Ops:
+    torch.ops.clouds_emu.<op> (the CUDA code path on CPU tensors), set_schedule(seed, resident_blocks=8) (seed 0: the
+    threads of each block in order; else a seeded random interleaving) and schedule_stats(). Cached as clouds_ops_emu,
+    clouds_ops_emu_asan (emulation="address") or clouds_ops_emu_tsan ("thread"); a sanitizer build needs its runtime
+    preloaded (LD_PRELOAD), which csrc/emulation/sanitize.py arranges. One emulation build per process.
+    """
+    suffix = {True: "", "address": "_asan", "thread": "_tsan"}
+    if emulation not in suffix:
+        raise ValueError(f"emulation must be True, 'address' or 'thread', got {emulation!r}")
+    if emulation in _emulated:
+        return _emulated[emulation]
+    if _emulated:
+        raise RuntimeError(f"the {next(iter(_emulated))!r} emulation build is already loaded in this process and "
+                           "TORCH_LIBRARY(clouds_emu) can be registered only once; load another one in a fresh process")
+    name = "clouds_ops_emu" + suffix[emulation]
+    sanitize = [] if emulation is True else [f"-fsanitize={emulation}", "-fno-omit-frame-pointer", "-g"]
+    sources = sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.cu")) + sorted((CSRC / "emulation").glob("*.cpp"))
+    from torch.utils import cpp_extension
+    print(f"Setting up the CUDA emulation ({name}, first build ~1 min)... ", end="", flush=True)
+    t0 = time.time()
+    try:
+        path = cpp_extension.load(
+            name=name, sources=[str(s) for s in sources], extra_include_paths=[str(CSRC / "emulation")],
+            extra_cflags=["-x", "c++", "-O1" if sanitize else "-O2", "-ffp-contract=off", "-DWITH_CUDA",
+                          "-DCLOUDS_EMULATION"] + sanitize,  # -x c++: the .cu files are C++ here
+            extra_ldflags=sanitize, with_cuda=False, is_python_module=False, verbose=verbose)
+    except BaseException:
+        print("Failed!", flush=True)
+        raise
+    print(f"Done ({time.time() - t0:.1f} s).", flush=True)
+    _emulated[emulation] = Path(path)
+    return _emulated[emulation]
 
 
 def _register_fakes():

@@ -31,6 +31,8 @@
 #include <utility>
 #include <vector>
 
+#include "registration.h"
+
 namespace {
 
 // The image is cut into strips of rows of ~kPixelsPerStrip pixels, labelled independently then merged. They run in
@@ -331,7 +333,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> connected_components_cpu(const at
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(clouds, CPU, m) {
+CLOUDS_CPU_IMPL(m) {
   m.impl("connected_components", &connected_components_cpu);
 }
 
@@ -386,7 +388,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> connected_components_cuda(const a
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(clouds, CUDA, m) {
+CLOUDS_CUDA_IMPL(m) {
   m.impl("connected_components", &connected_components_cuda);
 }
 #endif

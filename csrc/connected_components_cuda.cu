@@ -11,6 +11,8 @@
 
 #include <cstdint>
 
+#include "cuda_hooks.h"
+
 namespace {
 
 constexpr int kThreads = 256;
@@ -19,11 +21,12 @@ unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1)
 
 // ---- union-find ----
 
-__device__ __forceinline__ int32_t find_root(const volatile int32_t* parent, int32_t a) {
-  int32_t p = parent[a];
+// parent[] changes under the reader (other threads' atomicMin and path compression): volatile reads, never cached
+__device__ __forceinline__ int32_t find_root(const int32_t* parent, int32_t a) {
+  int32_t p = volatile_load(parent + a);
   while (p != a) {
     a = p;
-    p = parent[a];
+    p = volatile_load(parent + a);
   }
   return a;
 }
@@ -59,7 +62,7 @@ __global__ void init_kernel(const T* __restrict__ lab, int32_t* __restrict__ par
 template <typename T>
 __global__ void merge_kernel(const T* __restrict__ lab, int32_t* parent, int64_t n, int64_t H, int64_t W, bool diag) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n || parent[i] < 0) return;
+  if (i >= n || volatile_load(parent + i) < 0) return;  // ignored; others may atomicMin parent[i] meanwhile
   const int64_t r = i / W, c = i % W;
   const T l = lab[i];
   const int32_t me = static_cast<int32_t>(i);
@@ -75,8 +78,8 @@ __global__ void merge_kernel(const T* __restrict__ lab, int32_t* parent, int64_t
 __global__ void flatten_kernel(int32_t* parent, int32_t* __restrict__ is_root, int64_t n) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
-  const int32_t p = parent[i];
-  if (p >= 0) parent[i] = find_root(parent, static_cast<int32_t>(i));
+  const int32_t p = volatile_load(parent + i);
+  if (p >= 0) volatile_store(parent + i, find_root(parent, static_cast<int32_t>(i)));  // others read it meanwhile
   is_root[i] = p == static_cast<int32_t>(i);
 }
 
@@ -109,11 +112,12 @@ namespace clouds_cuda {
 template <typename T>
 void cc_union_find(const T* lab, int32_t* parent, int32_t* is_root, int64_t n, int64_t H, int64_t W, bool has_ign,
                    T ign, bool diag, cudaStream_t stream) {
-  init_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(lab, parent, n, has_ign, ign);
+  if (n == 0) return;  // an empty grid is an invalid launch configuration
+  CLOUDS_LAUNCH(init_kernel<T>, blocks_for(n), kThreads, stream)(lab, parent, n, has_ign, ign);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  merge_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(lab, parent, n, H, W, diag);
+  CLOUDS_LAUNCH(merge_kernel<T>, blocks_for(n), kThreads, stream)(lab, parent, n, H, W, diag);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  flatten_kernel<<<blocks_for(n), kThreads, 0, stream>>>(parent, is_root, n);
+  CLOUDS_LAUNCH(flatten_kernel, blocks_for(n), kThreads, stream)(parent, is_root, n);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -121,8 +125,9 @@ void cc_union_find(const T* lab, int32_t* parent, int32_t* is_root, int64_t n, i
 template <typename T>
 void cc_label(const T* lab, int32_t* parent, const int32_t* rank, int64_t n, int64_t* cls, int64_t* area,
               cudaStream_t stream) {
-  label_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(lab, parent, rank, n, cls,
-                                                          reinterpret_cast<unsigned long long*>(area));
+  if (n == 0) return;
+  CLOUDS_LAUNCH(label_kernel<T>, blocks_for(n), kThreads, stream)(lab, parent, rank, n, cls,
+                                                                  reinterpret_cast<unsigned long long*>(area));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -1,9 +1,9 @@
 // The schema of every clouds op, in one place. Kernels: csrc/<op>.cpp (CPU) and csrc/<op>_cuda.cu (CUDA).
 // Python calls them as torch.ops.clouds.<op> through ops.py, which documents the public API and holds the
-// pure-PyTorch references that specify each op.
-#include <torch/library.h>
+// pure-PyTorch references that specify each op (torch.ops.clouds_emu.<op> in the emulation build: registration.h).
+#include "registration.h"
 
-TORCH_LIBRARY(clouds, m) {
+CLOUDS_LIBRARY(m) {
   // Connected components of equal label, all classes in one pass (reference §5.2.1).
   // labels (H, W) or (B, H, W) uint8/int32/int64 -> components int32 of the same shape (ids in raster order of each
   // component's first pixel, global across the batch, -1 on ignore_index), comp_class int64 (N,), comp_area int64 (N,).

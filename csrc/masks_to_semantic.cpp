@@ -22,6 +22,8 @@
 #include <cstring>
 #include <vector>
 
+#include "registration.h"
+
 namespace {
 
 // ---- interpolation weights (torch: area_pixel_compute_source_index + guard_index_and_lambda, float math) ----
@@ -283,7 +285,7 @@ at::Tensor masks_to_semantic_cpu(const at::Tensor& class_prob, const at::Tensor&
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(clouds, CPU, m) {
+CLOUDS_CPU_IMPL(m) {
   m.impl("masks_to_semantic", &masks_to_semantic_cpu);
 }
 
@@ -315,7 +317,7 @@ at::Tensor masks_to_semantic_cuda(const at::Tensor& class_prob, const at::Tensor
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(clouds, CUDA, m) {
+CLOUDS_CUDA_IMPL(m) {
   m.impl("masks_to_semantic", &masks_to_semantic_cuda);
 }
 #endif

@@ -9,6 +9,8 @@
 
 #include <cstdint>
 
+#include "cuda_hooks.h"
+
 namespace {
 
 constexpr int kThreads = 256;
@@ -79,7 +81,8 @@ namespace clouds_cuda {
 void m2s_launch(const float* prob, const float* masks, int64_t B, int64_t Q, int64_t C, int64_t h, int64_t w,
                 int64_t H, int64_t W, int64_t* labels, float* scores, cudaStream_t stream) {
   const int64_t n = B * H * W;
-  semantic_kernel<<<static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+  if (n == 0) return;  // an empty grid is an invalid launch configuration
+  CLOUDS_LAUNCH(semantic_kernel, static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, stream)(
       prob, masks, B, Q, C, h, w, H, W, static_cast<float>(h) / static_cast<float>(H),
       static_cast<float>(w) / static_cast<float>(W), labels, scores);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -23,6 +23,8 @@
 #include <tuple>
 #include <vector>
 
+#include "registration.h"
+
 namespace {
 
 #define MSDA_INLINE inline __attribute__((always_inline))
@@ -265,7 +267,7 @@ at::Tensor ms_deform_attn_cpu(const at::Tensor& value_, at::IntArrayRef shapes, 
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn", [&] {
     static const Kernels<scalar_t> K = pick_kernels<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, 2048 / (s.nH * s.nL * s.nP));  // ~2k samples per task
+    const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, s.nH * s.nL * s.nP));  // ~2k samples a task
     at::parallel_for(0, s.B * s.Lq, grain, [&](int64_t begin, int64_t end) {
       K.forward({s, nullptr, value.data_ptr<scalar_t>(), loc.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(),
                  out.data_ptr<scalar_t>(), nullptr, nullptr, nullptr, begin, end});
@@ -309,7 +311,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(const
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(clouds, CPU, m) {
+CLOUDS_CPU_IMPL(m) {
   m.impl("ms_deform_attn", &ms_deform_attn_cpu);
   m.impl("ms_deform_attn_backward", &ms_deform_attn_backward_cpu);
 }
@@ -383,7 +385,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(cons
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(clouds, CUDA, m) {
+CLOUDS_CUDA_IMPL(m) {
   m.impl("ms_deform_attn", &ms_deform_attn_cuda);
   m.impl("ms_deform_attn_backward", &ms_deform_attn_backward_cuda);
 }

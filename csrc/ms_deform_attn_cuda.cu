@@ -10,6 +10,8 @@
 
 #include <cstdint>
 
+#include "cuda_hooks.h"
+
 namespace {
 
 constexpr int kThreads = 256;
@@ -22,8 +24,13 @@ struct Levels {
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }  // never fused into an FMA
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 
-// Pixel coordinate of l in [0, 1] on a grid of n pixels, rounded as grid_sample's CUDA kernel computes it from
-// g = 2 * l - 1 (align_corners=False): ((g + 1) * n - 1) / 2.
+// Pixel coordinate of l in [0, 1] on a grid of n pixels (align_corners=False) from g = 2 * l - 1, every product rounded
+// (__fmul_rn is never fused into an FMA): bit for bit the value of our CPU kernel and of torch's CPU grid_sample,
+// (g + 1) * (n / 2) - 0.5 (halving is exact, so ((g + 1) * n - 1) / 2 rounds the same). Torch's CUDA grid_sample writes
+// ((g + 1) * n - 1) / 2 too, but nvcc contracts it to fma(g + 1, n, -1): at pixel centres (l = (i + 0.5) / n, the
+// model's reference points, where the bilinear gradient jumps) 252 of the 131,328 centres of grids 1..512 pixels wide
+// then fall in the next cell (none on the model's level sizes at 768 or 1024x2048 inputs). We keep the CPU's rounding,
+// so the CPU and CUDA ops pick the same cells (tests/test_emulation.py::test_emul_deform_attn_same_cells_as_cpu).
 template <typename T>
 __device__ __forceinline__ T source_coord(T l, int64_t n) {
   const T g = mul_rn(l, T(2)) - T(1);
@@ -137,8 +144,9 @@ template <typename T>
 void msda_forward(const T* value, const T* loc, const T* attn, T* out, int64_t B, int64_t S, int64_t nH, int64_t Dh,
                   int64_t Lq, int64_t nL, int64_t nP, const int64_t* hw, cudaStream_t stream) {
   const int64_t n = B * Lq * nH * Dh;
-  forward_kernel<T><<<blocks(n), kThreads, 0, stream>>>(value, loc, attn, out, S, nH, Dh, Lq, nL, nP, n,
-                                                         make_levels(hw, nL));
+  if (n == 0) return;  // an empty grid is an invalid launch configuration
+  CLOUDS_LAUNCH(forward_kernel<T>, blocks(n), kThreads, stream)(value, loc, attn, out, S, nH, Dh, Lq, nL, nP, n,
+                                                                 make_levels(hw, nL));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -147,8 +155,10 @@ void msda_backward(const T* grad_out, const T* value, const T* loc, const T* att
                    T* grad_attn, int64_t B, int64_t S, int64_t nH, int64_t Dh, int64_t Lq, int64_t nL, int64_t nP,
                    const int64_t* hw, cudaStream_t stream) {
   const int64_t n = B * Lq * nH * nL * nP;
-  backward_kernel<T><<<blocks(n), kThreads, 0, stream>>>(grad_out, value, loc, attn, grad_value, grad_loc, grad_attn,
-                                                          S, nH, Dh, Lq, nL, nP, n, make_levels(hw, nL));
+  if (n == 0) return;  // no samples (nL or nP is 0): the gradients stay zero
+  CLOUDS_LAUNCH(backward_kernel<T>, blocks(n), kThreads, stream)(grad_out, value, loc, attn, grad_value, grad_loc,
+                                                                  grad_attn, S, nH, Dh, Lq, nL, nP, n,
+                                                                  make_levels(hw, nL));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

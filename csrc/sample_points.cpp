@@ -12,6 +12,7 @@
 #include <torch/library.h>
 #ifdef WITH_CUDA
 #include <ATen/ops/sort.h>
+#include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -26,6 +27,8 @@
 #include <memory>
 #include <numeric>
 #include <vector>
+
+#include "registration.h"
 
 namespace {
 
@@ -168,6 +171,24 @@ void check_inputs(const at::Tensor& components, const at::Tensor& candidates, co
               "sample_points: components, candidates and uniforms must be on the same device");
 }
 
+// slot_of[id] = the candidate index of each id (-1: not a candidate); raises unless the ids are distinct and in
+// [0, num_components). Both ops check with it (CUDA: when its summary of the candidates shows a problem).
+std::vector<int32_t> candidate_slots(const int64_t* cand, int64_t P, int64_t num_components) {
+  std::vector<int32_t> slot_of(num_components, -1);
+  for (int64_t s = 0; s < P; ++s) {
+    TORCH_CHECK(cand[s] >= 0 && cand[s] < num_components, "sample_points: candidate id ", cand[s],
+                " outside [0, ", num_components, ")");
+    TORCH_CHECK(slot_of[cand[s]] < 0, "sample_points: candidate id ", cand[s], " appears twice");
+    slot_of[cand[s]] = static_cast<int32_t>(s);
+  }
+  return slot_of;
+}
+
+void check_component_ids(bool below, int64_t num_components) {
+  TORCH_CHECK(below, "sample_points: components holds ids >= num_components (", num_components,
+              "); pass the comp_area returned with these components");
+}
+
 at::Tensor sample_points_cpu(const at::Tensor& components, const at::Tensor& candidates, const at::Tensor& uniforms,
                              int64_t num_components, int64_t num_points, bool interior) {
   check_inputs(components, candidates, uniforms, num_components, num_points, interior);
@@ -185,13 +206,7 @@ at::Tensor sample_points_cpu(const at::Tensor& components, const at::Tensor& can
   const double* u = u_t.data_ptr<double>();
   const int64_t rows = B * H;
 
-  std::vector<int32_t> slot_of(num_components, -1);
-  for (int64_t s = 0; s < P; ++s) {
-    TORCH_CHECK(cand[s] >= 0 && cand[s] < num_components, "sample_points: candidate id ", cand[s],
-                " outside [0, ", num_components, ")");
-    TORCH_CHECK(slot_of[cand[s]] < 0, "sample_points: candidate id ", cand[s], " appears twice");
-    slot_of[cand[s]] = static_cast<int32_t>(s);
-  }
+  const std::vector<int32_t> slot_of = candidate_slots(cand, P, num_components);
 
   const int64_t S =
       std::clamp<int64_t>((rows * W + kPixelsPerStrip - 1) / kPixelsPerStrip, 1, std::max<int64_t>(rows, 1));
@@ -247,8 +262,7 @@ at::Tensor sample_points_cpu(const at::Tensor& components, const at::Tensor& can
       }
     }
   });
-  TORCH_CHECK(!bad_id, "sample_points: components holds ids >= num_components (", num_components,
-              "); pass the comp_area returned with these components");
+  check_component_ids(!bad_id, num_components);
   // group the runs by candidate (a counting sort keeps each candidate's runs in raster order)
   std::vector<int64_t> begin(P + 1, 0);
   for (const auto& runs : strip_runs)
@@ -290,7 +304,7 @@ at::Tensor sample_points_cpu(const at::Tensor& components, const at::Tensor& can
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(clouds, CPU, m) {
+CLOUDS_CPU_IMPL(m) {
   m.impl("sample_points", &sample_points_cpu);
 }
 
@@ -320,9 +334,20 @@ at::Tensor sample_points_cuda(const at::Tensor& components, const at::Tensor& ca
   const auto stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor out = at::empty({P, K}, candidates.options());
   out.fill_(-1);
-  if (P == 0 || n == 0) return out;
+  if (P == 0) return out;
   const at::Tensor comp = components.contiguous().view({-1});
   const at::Tensor cand = candidates.contiguous(), u = uniforms.contiguous();
+  // The CPU op's checks, in one host sync: the smallest and largest candidate, whether two are equal, the largest id
+  // in the map. On a problem, the CPU's own check runs on a host copy of the candidates for its message.
+  const at::Tensor sorted = std::get<0>(cand.sort());
+  std::vector<at::Tensor> summary = {sorted.select(0, 0), sorted.select(0, P - 1),
+                                     sorted.slice(0, 1).eq(sorted.slice(0, 0, P - 1)).any().to(at::kLong)};
+  if (n > 0) summary.push_back(comp.max().to(at::kLong));
+  const at::Tensor host = at::stack(summary).cpu();
+  const int64_t* h = host.data_ptr<int64_t>();
+  if (h[0] < 0 || h[1] >= num_components || h[2]) candidate_slots(cand.cpu().data_ptr<int64_t>(), P, num_components);
+  if (n == 0) return out;
+  check_component_ids(h[3] < num_components, num_components);
   const auto [sorted_id, sorted_idx] = at::sort(comp, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   at::Tensor best;
   if (interior) {
@@ -345,7 +370,7 @@ at::Tensor sample_points_cuda(const at::Tensor& components, const at::Tensor& ca
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(clouds, CUDA, m) {
+CLOUDS_CUDA_IMPL(m) {
   m.impl("sample_points", &sample_points_cuda);
 }
 #endif

@@ -10,6 +10,8 @@
 
 #include <cstdint>
 
+#include "cuda_hooks.h"
+
 namespace {
 
 constexpr int kThreads = 256;
@@ -85,7 +87,7 @@ __global__ void argmax_kernel(const int32_t* __restrict__ comp, const int32_t* _
   if (c < 0 || c >= num_components) return;
   const unsigned long long key =
       (static_cast<unsigned long long>(d2[i]) << 32) | (0xFFFFFFFFull - static_cast<unsigned long long>(i));
-  if (key > best[c]) atomicMax(best + c, key);
+  if (key > volatile_load(best + c)) atomicMax(best + c, key);  // best[c] only grows: skip most atomics
 }
 
 // ---- ranks -> pixels ----
@@ -151,16 +153,19 @@ namespace clouds_cuda {
 // d2 (B*H*W) <- squared distance to the nearest pixel of another id; v, f, z: scratch of (B*H, W+3) each
 void sp_distance(const int32_t* comp, int32_t* d2, int64_t B, int64_t H, int64_t W, int64_t* v, int64_t* f,
                  double* z, cudaStream_t stream) {
-  column_kernel<<<static_cast<unsigned>((B * W + kThreads - 1) / kThreads), kThreads, 0, stream>>>(comp, d2, B, H, W);
+  if (B * H * W == 0) return;  // an empty grid is an invalid launch configuration
+  CLOUDS_LAUNCH(column_kernel, static_cast<unsigned>((B * W + kThreads - 1) / kThreads), kThreads, stream)(
+      comp, d2, B, H, W);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  row_kernel<<<static_cast<unsigned>((B * H + 63) / 64), 64, 0, stream>>>(comp, d2, B * H, W, v, f, z);
+  CLOUDS_LAUNCH(row_kernel, static_cast<unsigned>((B * H + 63) / 64), 64, stream)(comp, d2, B * H, W, v, f, z);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // best (num_components, zeroed) <- per id, (max d2) << 32 | ~(first pixel with it)
 void sp_argmax(const int32_t* comp, const int32_t* d2, int64_t n, int64_t num_components, int64_t* best,
                cudaStream_t stream) {
-  argmax_kernel<<<static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+  if (n == 0) return;
+  CLOUDS_LAUNCH(argmax_kernel, static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, stream)(
       comp, d2, n, num_components, reinterpret_cast<unsigned long long*>(best));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -169,7 +174,8 @@ void sp_argmax(const int32_t* comp, const int32_t* d2, int64_t n, int64_t num_co
 void sp_points(const int32_t* sorted_id, const int64_t* sorted_idx, int64_t n, const int64_t* cand, const double* u,
                int64_t P, int64_t K, int64_t R, int64_t num_components, const int64_t* best, int64_t* scratch,
                int64_t* out, cudaStream_t stream) {
-  points_kernel<<<static_cast<unsigned>((P + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+  if (P == 0) return;
+  CLOUDS_LAUNCH(points_kernel, static_cast<unsigned>((P + kThreads - 1) / kThreads), kThreads, stream)(
       sorted_id, sorted_idx, n, cand, u, P, K, R, num_components,
       reinterpret_cast<const unsigned long long*>(best), scratch, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

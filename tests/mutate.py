@@ -4,7 +4,8 @@ A developer tool, not a CI test. For each entry of MUTATIONS (name, file, old, n
 files (git-tracked plus untracked, not ignored) to a temp dir, replaces the exact string `old` by `new` in `file`
 (it must occur exactly once), runs the listed tests there with `pytest -x -q` under a timeout, and prints a table:
 killed (a test failed: good), survived (every test passed: a gap in the tests) or why it could not run. The working
-tree is never modified.
+tree is never modified. A "test" that starts with "python " is a command instead (the sanitizer drivers, e.g.
+"python csrc/emulation/sanitize.py thread"): it runs after the pytest ones, and a non-zero exit kills the mutation.
 
 Usage:
     python tests/mutate.py --list                      # the entries and whether their pattern still applies
@@ -19,6 +20,7 @@ the entry after a refactor rather than deleting it.
 import argparse
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -33,6 +35,9 @@ WIRING = "tests/test_wiring.py"
 DDP = f"{WIRING}::test_ddp_first_step_gradients_match_single_process"
 STRICT, MULTI = "tests/test_device_strict.py", "tests/test_multiproc.py"
 BUDGET = f"{STRICT}::test_sync_budget_of_a_joint_iteration"
+EMUL = "tests/test_emulation.py"
+CC_CU = "csrc/connected_components_cuda.cu"
+SANITIZE = "python csrc/emulation/sanitize.py"
 
 # (name, file, old, new, test files or node ids)
 MUTATIONS = [
@@ -141,6 +146,42 @@ MUTATIONS = [
     ("text_tower_moved_to_the_gpu", "clouds.py",  # finding 7: the CLIP text tower stays on the CPU
      "        if recurse and probe.device != torch.device(\"cpu\"):", "        if False:",
      (f"{STRICT}::test_modules_move_to_the_device_but_the_clip_text_tower_stays",)),
+    # ---- csrc/*_cuda.cu: the CUDA kernels, run by the emulation (csrc/emulation/) and its sanitizer drivers ----
+    ("uf_unite_without_retry", CC_CU,  # a lost atomicMin race must retry from the new roots
+     "  } while (!done);", "  } while (false);", (f"{EMUL}::test_emul_components_equal_cpu",)),
+    ("uf_flatten_one_hop", CC_CU,  # flatten must follow the whole chain to the root
+     "if (p >= 0) volatile_store(parent + i, find_root(parent, static_cast<int32_t>(i)));",
+     "if (p >= 0) volatile_store(parent + i, volatile_load(parent + p));",
+     (f"{EMUL}::test_emul_components_equal_cpu",)),
+    ("uf_row_guard_dropped", CC_CU,  # a batch is one tall image: row r % H == 0 never links to the row above
+     "  if (r % H != 0) {", "  if (r > 0) {", (f"{EMUL}::test_emul_components_equal_cpu",)),
+    ("uf_diagonal_bound_off_by_one", CC_CU,  # the up-right neighbour exists only for c < W - 1
+     "if (diag && c < W - 1 && lab[up + 1] == l)", "if (diag && c < W && lab[up + 1] == l)",
+     (f"{EMUL}::test_emul_components_equal_cpu",)),
+    ("uf_area_leader_off_by_one", CC_CU,  # one lane per group of equal ids adds the group's pixel count
+     "static_cast<int>(threadIdx.x & 31) == __ffs(peers) - 1", "static_cast<int>(threadIdx.x & 31) == __ffs(peers)",
+     (f"{EMUL}::test_emul_components_equal_cpu",)),
+    ("uf_left_read_out_of_bounds", CC_CU,  # reads lab[-1] at pixel 0 (the result does not change: ASan's)
+     "if (c > 0 && lab[i - 1] == l)", "if (lab[i - 1] == l && c > 0)",
+     (f"{SANITIZE} address --ops connected_components --schedules 0",)),
+    ("uf_plain_parent_read", CC_CU,  # F4: parent[i] is read while others atomicMin it (a race: TSan's)
+     "if (i >= n || volatile_load(parent + i) < 0) return;", "if (i >= n || parent[i] < 0) return;",
+     (f"{SANITIZE} thread --ops connected_components --schedules 0,1",)),
+    ("msda_backward_plain_add", "csrc/ms_deform_attn_cuda.cu",  # samples share value pixels: grad_value needs atomics
+     "      atomicAdd(gc + d, wa * gd);", "      gc[d] += wa * gd;",
+     (f"{SANITIZE} thread --ops ms_deform_attn --schedules 0,1",)),
+    ("msda_backward_empty_grid", "csrc/ms_deform_attn_cuda.cu",  # F2: <<<0, 256>>> is an invalid launch
+     "  if (n == 0) return;  // no samples (nL or nP is 0): the gradients stay zero\n", "",
+     (f"{EMUL}::test_emul_empty_launches",)),
+    ("msda_fma_source_coord", "csrc/ms_deform_attn_cuda.cu",  # F1: the CPU kernel's rounding, not nvcc's FMA
+     "return (mul_rn(g + T(1), static_cast<T>(n)) - T(1)) / T(2);",
+     "return fma(g + T(1), static_cast<T>(n), -T(1)) / T(2);",
+     (f"{EMUL}::test_emul_deform_attn_same_cells_as_cpu",)),
+    ("semantic_right_edge_off_by_one", "csrc/masks_to_semantic_cuda.cu",  # the last source column has no right one
+     "i1 = i0 + (i0 < in - 1 ? 1 : 0);", "i1 = i0 + (i0 < in ? 1 : 0);", (f"{EMUL}::test_emul_semantic_equal_cpu",)),
+    ("points_cuda_unchecked_candidates", "csrc/sample_points.cpp",  # F3: the CPU op's checks, on the CUDA path too
+     "  if (h[0] < 0 || h[1] >= num_components || h[2]) candidate_slots(", "  if (false) candidate_slots(",
+     (f"{EMUL}::test_emul_points_reject_what_cpu_rejects",)),
 ]
 
 
@@ -181,13 +222,15 @@ def run_one(entry, timeout: float, root: Path = ROOT) -> dict:
     if reason:
         row["status"] = reason
         return row
-    present = []
+    present, commands = [], [t for t in tests if t.startswith("python ")]
     for t in tests:
+        if t in commands:
+            continue
         if (root / t.split("::")[0]).is_file():
             present.append(t)
         else:
             row["notes"].append(f"skipped {t.split('::')[0]} (does not exist)")
-    if not present:
+    if not present and not commands:
         row["status"] = "NO TESTS"
         return row
     with tempfile.TemporaryDirectory(prefix=f"mutate_{name}_") as tmp:
@@ -197,21 +240,30 @@ def run_one(entry, timeout: float, root: Path = ROOT) -> dict:
             shutil.copy2(root / f, tmp / f)
         path = tmp / file
         path.write_text(path.read_text().replace(old, new, 1))
-        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *present]
+        runs = [[sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *present]] if present else []
+        runs += [[sys.executable, *shlex.split(c)[1:]] for c in commands]
         t0 = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            row.update(status="timeout", seconds=round(time.perf_counter() - t0, 1))
-            return row
-        row["seconds"] = round(time.perf_counter() - t0, 1)
-        output = proc.stdout + proc.stderr
-        if proc.returncode == 0:
-            row["status"] = "survived"
-        elif proc.returncode == 1:
-            row.update(status="killed", first_failure=_first_failure(output))
-        else:  # 2 interrupted (e.g. a collection error), 4 usage error, 5 no tests collected
-            row.update(status=f"ERROR (pytest exit {proc.returncode})", first_failure=_first_failure(output))
+        for cmd in runs:
+            try:
+                proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True,
+                                      timeout=max(1.0, timeout - (time.perf_counter() - t0)))
+            except subprocess.TimeoutExpired:
+                row.update(status="timeout", seconds=round(time.perf_counter() - t0, 1))
+                return row
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            output = proc.stdout + proc.stderr
+            if cmd[1:3] != ["-m", "pytest"]:  # a command: any failure kills; its last line says why
+                if proc.returncode != 0:
+                    last = [line for line in output.splitlines() if line.strip()][-1:] or [""]
+                    row.update(status="killed", first_failure=f"{shlex.join(cmd[1:3])}: {last[0].strip()[:100]}")
+                    return row
+            elif proc.returncode == 1:
+                row.update(status="killed", first_failure=_first_failure(output))
+                return row
+            elif proc.returncode != 0:  # 2 interrupted (e.g. a collection error), 4 usage error, 5 no tests collected
+                row.update(status=f"ERROR (pytest exit {proc.returncode})", first_failure=_first_failure(output))
+                return row
+        row["status"] = "survived"
     return row
 
 

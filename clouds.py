@@ -5,7 +5,7 @@ a frozen open_clip ConvNeXt-L image encoder, an MSDeformAttn pixel decoder, a 9-
 decoder with a Linear(256, 20) class head, the Hungarian matcher + point-sampled set criterion, and semantic inference.
 Module names follow the official checkpoints, so `checkpoints.load_official` loads a released `model_final.pth`
 strictly (checkpoints.py: saving, loading, and the parameter-count CLI). The matcher and criterion live in
-criterion.py (re-exported here: `clouds.targets_from_label`, `clouds.SetCriterion`, ...).
+criterion.py (`criterion.targets_from_label`, `criterion.SetCriterion`, ...).
 
 Usage:
     model = build_model("convnext_large")            # or "rn50", "rn101", "tiny"; pretrained=None for random init
@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ops
-from criterion import (HungarianMatcher, SetCriterion, point_sample, targets_from_label,  # noqa: F401
-                       targets_from_labels)
+from criterion import HungarianMatcher, SetCriterion
 
 # ---- config ----
 

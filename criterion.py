@@ -3,7 +3,7 @@
 The Hungarian matcher assigns queries to target masks per image (cost 2 * class + 5 * BCE + 5 * Dice on 12,544 shared
 uniform points); the set criterion sums CE (no-object weight 0.1) and point-sampled BCE + Dice (3x oversampled
 candidates, 0.75 importance-sampled) over the final and the auxiliary predictions (9 in the official config).
-clouds.py builds both from its ModelConfig (`CLOUDS.criterion`, `CLOUDS.loss`) and re-exports the public names.
+clouds.py builds both from its ModelConfig (`CLOUDS.criterion`, `CLOUDS.loss`).
 Imports no project file: criterion.py can be copied alone.
 
 Usage:

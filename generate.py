@@ -280,8 +280,8 @@ def _device(cfg: GenerateConfig) -> torch.device:
 def render_batch(cfg: GenerateConfig, pipe, prompts: list, seeds: list) -> list:
     """Images (uint8 HxWx3 arrays) for the prompts; image i depends only on (prompts[i], seeds[i])."""
     if cfg.backend == "toy":
-        import toycity
-        return [toycity.render(p, s, size=(cfg.height, cfg.width)) for p, s in zip(prompts, seeds)]
+        from toyworld import city
+        return [city.render(p, s, size=(cfg.height, cfg.width)) for p, s in zip(prompts, seeds)]
     device = pipe.device
     gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]  # one generator per image
     out = pipe(prompt=prompts, height=cfg.height, width=cfg.width, num_inference_steps=cfg.steps,

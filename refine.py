@@ -224,7 +224,7 @@ def build_predictor(name: str, checkpoint=None, device: str = "cpu", chunk_size:
     "toy". `checkpoint` defaults to DEFAULT_CHECKPOINTS[name]; a missing package raises ImportError, a missing file
     FileNotFoundError, both with the messages of `predictor_problems`."""
     if name == "toy":  # the offline stand-in, beside toycity.py (imported here only when asked for)
-        from toysam import ToyPointPredictor
+        from toyworld.sam import ToyPointPredictor
         return ToyPointPredictor()
     if name not in PREDICTORS:
         raise ValueError(f"unknown predictor {name!r}; expected one of {PREDICTORS}")

@@ -11,7 +11,6 @@ Usage:
     python train.py --source gta --data-root datasets --synthetic datasets/stable_diffusion/sd_clouds --out runs/gta
     python train.py --recipe toy --synthetic datasets_toy/generated --out runs/toy  # the same code path on ToyCity
     torchrun --nproc_per_node 2 train.py --source gta ...     # DDP; --batch-size is the total over the ranks
-    python train.py --demo                                      # offline CPU ablation on ToyCity (demo.py, < 10 min)
     python train.py --source gta --synthetic DIR --backbone dinov2_l --tuning rein   # beyond the paper (backbones.py)
 """
 import argparse
@@ -32,17 +31,15 @@ from tqdm import tqdm
 
 import checkpoints
 import clouds
+import criterion
 import data
 import evaluate
 import ops
-import preflight
+from runtools import preflight
 import refine
-import runs
-from runs import Interrupted, Problems, TrainError
-from train_config import (  # noqa: F401  (re-exported: train.TrainConfig, train.SOURCES, ...)
-    SourcePreset, SOURCES, PHASES, SAMS, SCHEDULES, EVAL_SETS, DEMO_ROOT, DEMO_TARGETS, DEMO,
-    DEMO_ITERS, TOY_MIN_AREA, RECIPES, _field, TrainConfig, CHOICES, build_parser, parse_args, parse_config,
-    BACKBONE_CHOICES, PROTOCOLS)
+from runtools import runs
+from runtools.runs import Interrupted, Problems, TrainError
+from runtools.train_config import SOURCES, TrainConfig, parse_args
 
 
 # ---- data: a stream of mixed samples, a pure function of (seed, k) ----
@@ -281,7 +278,7 @@ def pseudo_targets(model, teacher, samples, predictor, refine_cfg, device, keep_
     crops = [(image[:, :h, :w], label[:h, :w]) for s, image, label in zip(samples, images, labels)
              for h, w in [s["image"].shape[-2:]]]  # (3, h, w) uint8 clean flipped image, (h, w) on the device
     if predictor is None:  # §4.2: the dense teacher masks (one host transfer for all of them)
-        targets = clouds.targets_from_labels([label for _, label in crops])
+        targets = criterion.targets_from_labels([label for _, label in crops])
     else:  # Sec. 3.3: SAM refinement; the points come from a CPU generator seeded per sample (rank-independent)
         targets = [refine.pseudo_label_target(image, label, predictor, refine_cfg,
                                               torch.Generator().manual_seed(s["refine_seed"]))  # on the device
@@ -335,7 +332,7 @@ def train_step(state, batch, it):
     # of all source labels reach the host in one transfer (criterion.targets_from_labels)
     labels = [pad_batch([s["label"].to(device, non_blocking=True)], data.IGNORE_INDEX, size)[0]
               for s in batch if not s["generated"]]
-    source = iter(clouds.targets_from_labels(labels))
+    source = iter(criterion.targets_from_labels(labels))
     targets = [_pad_target(next(pseudo), size) if s["generated"] else next(source) for s in batch]
     outputs = state.student(images)
     runs.check_outputs(state, outputs, it)  # before the matcher: scipy's Hungarian solver dies on NaN costs
@@ -647,7 +644,7 @@ def done_message(cfg, out: Path, results: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    """Train (or, with --demo, run the ToyCity ablation of demo.py). Returns the summary dict (final metrics, paths).
+    """`python train.py [flags]`: train -> the summary dict (final metrics, paths).
 
     Exit codes (README "Stopping, preemption, exit codes"):
       0    done;
@@ -658,33 +655,9 @@ def main(argv=None) -> dict:
            finished, rank 0 saved last.pt and every rank waited for it; rerun with --resume. (A second Ctrl-C more
            than 5 s after the first aborts without saving, also 130; last.pt keeps its previous save.)
     Run as a script (argv None), a stopped process keeps its exit code even if torchrun signals it again while it
-    exits. --debug shows the tracebacks."""
+    exits. --debug shows the tracebacks (runs.exit_on_error)."""
     cfg, notes = parse_args(argv)
-    try:
-        if cfg.demo:
-            import demo  # lazy: demo.py imports this file
-
-            return demo.run_demo(cfg)
-        return train(cfg, notes, linger=argv is None)
-    except (Problems, TrainError, Interrupted) as e:
-        if cfg.debug:
-            raise
-        code = 2 if isinstance(e, Problems) else e.code if isinstance(e, Interrupted) else 1
-        # one message per job: another rank's problems print on that rank only; a TrainError (every rank raises the
-        # same one) in full on rank 0, as one line on the others; each rank says how it stopped
-        rank = os.environ.get("RANK", "0")
-        if isinstance(e, TrainError) and rank != "0":
-            print(f"train.py: rank {rank}: {runs.first_line(e)}", file=sys.stderr, flush=True)
-        elif not getattr(e, "quiet", False):
-            print(e if isinstance(e, Problems) else f"train.py: {e}" + (f" (exit {code})" if code != 1 else ""),
-                  file=sys.stderr, flush=True)
-        raise SystemExit(code) from None
-    except OSError as e:  # e.g. a full disk under log.txt, metrics.jsonl or a plot: one line, exit 1
-        if cfg.debug:
-            raise
-        print(f"train.py: {runs.os_error_message(e, cfg.out)}. Then rerun the same command (with --resume once the "
-              f"run has started)", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+    return runs.exit_on_error("train.py", cfg, lambda: train(cfg, notes, linger=argv is None))
 
 
 if __name__ == "__main__":

@@ -129,6 +129,7 @@ def run_case(name, repeats):
     import torch
 
     import clouds
+    import criterion
 
     if name == "head_768":
         return run_head(repeats)
@@ -138,7 +139,7 @@ def run_case(name, repeats):
         model = clouds.build_model("tiny", train_backbone=name == "tiny_trainable")
         images = torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8)
         labels = torch.randint(0, 19, (2, 256, 256))
-        targets = [clouds.targets_from_label(lab) for lab in labels]
+        targets = [criterion.targets_from_label(lab) for lab in labels]
     else:
         model = clouds.build_model("convnext_large", pretrained=None)
         images = torch.randint(0, 256, (1, 3, 768, 768), dtype=torch.uint8)

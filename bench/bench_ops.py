@@ -1,7 +1,7 @@
 """Benchmark of ops.py against the baselines the paper's pipeline would otherwise use (reference §5.2, §3.4).
 
 All rows run in one process on the same inputs: a 1024x2048 19-class street map rendered by ToyCity
-(toycity.render_scene("cityscapes", seed, size=(1024, 2048))) and a 768x768 crop of it (the size of a generated
+(city.render_scene("cityscapes", seed, size=(1024, 2048))) and a 768x768 crop of it (the size of a generated
 image), a 1024x2048 19-class noise map (stress case for connected components), plus random Mask2Former outputs
 (Q=100, C=19, 256x512 masks). Time: median of at least --reps runs (more for sub-second totals) after one warm-up.
 Peak extra memory: a fresh subprocess per case loads the inputs, resets the kernel's high-water mark
@@ -59,8 +59,8 @@ class BenchConfig:
 
 def make_inputs(cfg: BenchConfig, folder: Path):
     """Write the inputs once (the memory subprocesses read them back); returns the dict of arrays."""
-    import toycity
-    label = toycity.render_scene("cityscapes", cfg.seed, size=(cfg.height, cfg.width))[1]
+    from toyworld import city
+    label = city.render_scene("cityscapes", cfg.seed, size=(cfg.height, cfg.width))[1]
     y0, x0 = (cfg.height - cfg.crop) // 2, (cfg.width - cfg.crop) // 2
     g = torch.Generator().manual_seed(cfg.seed)
     noise = torch.rand(1, cfg.classes, cfg.height // 8, cfg.width // 8, generator=g)

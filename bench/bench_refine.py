@@ -26,8 +26,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import generate  # noqa: E402
 import refine  # noqa: E402
-import toycity  # noqa: E402
-import toysam  # noqa: E402
+from toyworld import city  # noqa: E402
+from toyworld import sam as toysam  # noqa: E402
 
 
 class ExclusiveTimer:
@@ -85,7 +85,7 @@ def bench_refinement(num_images: int, size: int, factor: int, prompts: list) -> 
     cfg = refine.RefineConfig()  # official: min_area 5000, 5 random points
     per_image, n_prompts = [], []
     try:
-        data = [toycity.render_with_label(prompts[i % len(prompts)], i, size=(size, size)) for i in range(num_images)]
+        data = [city.render_with_label(prompts[i % len(prompts)], i, size=(size, size)) for i in range(num_images)]
         refine.refine_pseudo_label(data[0][0], blurred_teacher(data[0][1], factor), predictor, cfg,
                                    torch.Generator().manual_seed(0))  # warm-up (extension build / caches)
         timer.total.clear()

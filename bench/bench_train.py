@@ -21,8 +21,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import demo  # noqa: E402
+from toyworld import demo  # noqa: E402
 import train  # noqa: E402
+from runtools import train_config
 
 
 def run(argv, out, skip):
@@ -43,11 +44,11 @@ def summarize(recs):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", default=train.DEMO_ROOT, help="ToyCity root (built if missing)")
+    parser.add_argument("--root", default=train_config.TOY_ROOT, help="ToyCity root (built if missing)")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--skip", type=int, default=3, help="first iterations left out (one-time costs)")
-    parser.add_argument("--crop", type=int, default=train.DEMO["crop_size"])
-    parser.add_argument("--batch", type=int, default=train.DEMO["batch_size"])
+    parser.add_argument("--crop", type=int, default=train_config.TOY["crop_size"])
+    parser.add_argument("--batch", type=int, default=train_config.TOY["batch_size"])
     parser.add_argument("--p-gen", type=float, default=0.287, help="official GTA share of generated samples")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
@@ -59,7 +60,7 @@ def main(argv=None):
                    str(args.crop), "--width", str(args.crop), "--no-progress"])
     common = ["--preset", "tiny", "--train-backbone", "--data-root", args.root, "--crop-size", str(args.crop),
               "--batch-size", str(args.batch), "--workers", "0", "--log-every", "1", "--eval-every", "0",
-              "--no-progress", "--no-plots", "--lr", str(train.DEMO["lr"])]
+              "--no-progress", "--no-plots", "--lr", str(train_config.TOY["lr"])]
     min_area = str(round(5000 * (args.crop / 768) ** 2))  # the official 0.85% of the image, as in the demo
     t0 = time.perf_counter()
     results = {"warmup": summarize(run([*common, "--phase", "warmup", "--iters-warmup", str(args.iters)],

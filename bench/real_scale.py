@@ -49,7 +49,7 @@ def write_data(root: Path, tiny: bool, num_gta: int = 4, num_generated: int = 4)
     """GTA5 layout (images/NNNNN.png, labels/NNNNN.png as Cityscapes-labelId palette PNGs, then data.convert) and a
     generate.py-style folder (images/im_{j}_p0.png); existing files are kept."""
     import data
-    import toycity
+    from toyworld import city
 
     size = SIZES[tiny]
     gta = root / "datasets" / "gta5"
@@ -59,9 +59,9 @@ def write_data(root: Path, tiny: bool, num_gta: int = 4, num_generated: int = 4)
         image_path, label_path = gta / "images" / f"{i + 1:05d}.png", gta / "labels" / f"{i + 1:05d}.png"
         if image_path.is_file() and label_path.is_file():
             continue
-        image, label = toycity.render_scene("gta", seed=i, size=size["gta"])        # (H, W, 3), (H, W) train ids
+        image, label = city.render_scene("gta", seed=i, size=size["gta"])        # (H, W, 3), (H, W) train ids
         raw = np.where(label < 19, TRAIN_TO_LABEL_ID[np.minimum(label, 18)], 0).astype(np.uint8)  # 255 -> 0 (void)
-        label_path.write_bytes(toycity._encode(raw, palette=toycity._GTA_PALETTE))  # P mode, like GTA5's labels
+        label_path.write_bytes(city._encode(raw, palette=city._GTA_PALETTE))  # P mode, like GTA5's labels
         Image.fromarray(image).save(image_path)
     data.convert("gta", str(root / "datasets"), nproc=1, progress=False)
     city = root / "datasets" / "cityscapes"
@@ -71,7 +71,7 @@ def write_data(root: Path, tiny: bool, num_gta: int = 4, num_generated: int = 4)
         label_path = city / "gtFine" / "val" / "toycity" / f"{stem}_gtFine_labelTrainIds.png"
         if image_path.is_file() and label_path.is_file():
             continue
-        image, label = toycity.render_scene("cityscapes", seed=100 + i, size=size["city"])
+        image, label = city.render_scene("cityscapes", seed=100 + i, size=size["city"])
         image_path.parent.mkdir(parents=True, exist_ok=True)
         label_path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(image_path)
@@ -81,7 +81,7 @@ def write_data(root: Path, tiny: bool, num_gta: int = 4, num_generated: int = 4)
     for j in range(num_generated):
         path = gen / f"im_{j}_p0.png"
         if not path.is_file():
-            image = toycity.render(f"a photo of a street, scene {j}", seed=j, size=size["generated"])
+            image = city.render(f"a photo of a street, scene {j}", seed=j, size=size["generated"])
             Image.fromarray(image).save(path)
     return root / "datasets", root / "generated"
 

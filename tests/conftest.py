@@ -20,10 +20,10 @@ CONVERTED = ("gta", "synthia", "cityscapes", "mapillary")
 def toy_root(tmp_path_factory):
     """A small ToyCity (3 images per split and domain), converted to train ids like real data."""
     import data
-    import toycity
+    from toyworld import city
 
     root = tmp_path_factory.mktemp("toycity")
-    toycity.build(root, seed=0, num_images=3, workers=1, progress=False)
+    city.build(root, seed=0, num_images=3, workers=1, progress=False)
     for name in CONVERTED:
         data.convert(name, root, nproc=1, progress=False)
     return root

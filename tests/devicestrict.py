@@ -412,7 +412,7 @@ def count_joint_syncs(toy_root, gen_dir, out, batch_size=8, dec_layers=9, strict
     device=None: the CPU emulation (device_mode); "cuda": a real GPU, counted by torch.cuda.set_sync_debug_mode."""
     import clouds
     import refine
-    import runs
+    from runtools import runs
     import train
 
     saved_preset, saved = dict(clouds.PRESETS["tiny"]), {}
@@ -490,13 +490,13 @@ def main():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import data
     import generate
-    import toycity
+    from toyworld import city
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         root, gen = Path(args.data_root or tmp / "toy"), Path(args.synthetic or tmp / "gen")
         if not args.data_root:
-            toycity.build(root, seed=0, num_images=3, workers=1, progress=False)
+            city.build(root, seed=0, num_images=3, workers=1, progress=False)
             data.convert("gta", root, nproc=1, progress=False)
         if not args.synthetic:
             generate.main(["--backend", "toy", "--out", str(gen), "--num-images", "4", "--height", "64", "--width",

@@ -28,8 +28,8 @@ os.dup2(log, 2)
 slow = float(os.environ.get("HOOKS_SLOW", "0"))
 
 import evaluate  # noqa: E402
-import preflight  # noqa: E402
-import runs  # noqa: E402
+from runtools import preflight  # noqa: E402
+from runtools import runs  # noqa: E402
 
 after_iteration, evaluate_model, check = runs.after_iteration, evaluate.evaluate_model, preflight.preflight
 save_state = runs.save_state

@@ -11,6 +11,7 @@ import checkpoints
 import clouds
 import generate
 import train
+from runtools import train_config
 
 TINY = ["--preset", "tiny", "--crop-size", "64", "--batch-size", "2", "--workers", "0", "--test-short-side", "64",
         "--log-every", "1", "--no-progress", "--seed", "0", "--no-plots"]
@@ -127,7 +128,7 @@ def test_every_evaluation_names_its_protocol(runs):
 
 
 def test_help_lists_backbones_tunings_and_protocols():
-    text = " ".join(train.build_parser().format_help().split())
+    text = " ".join(train_config.build_parser().format_help().split())
     assert "--backbone {" + ",".join(("clip", *backbones.BACKBONES)) + "}" in text
     assert "dinov2_l" in text and "eva02_l" in text and "--tuning {frozen,rein,lora}" in text
     assert "--eval-protocol {whole,slide}" in text and "--slide-window SLIDE_WINDOW" in text

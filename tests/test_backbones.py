@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 import backbones
 import clouds
-import preflight
+from runtools import preflight
 import train
-import train_config
+from runtools import train_config
 
 TINY = ("dinov2_tiny", "dinov2_tiny_reg4", "eva02_tiny")
 

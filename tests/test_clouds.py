@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import checkpoints
 import clouds
+import criterion
 import ops
 
 KEYS_TXT = Path(__file__).resolve().parent / "data/official_head_keys.txt"  # Appendix A of official_checkpoint_keys.md
@@ -69,9 +70,9 @@ def assert_argmax(labels, scores, margin=1e-5):
 
 def scene(seed, size=64):
     """A ToyCity GTA-style street scene: image uint8 (3, H, W), label int64 (H, W) train ids (255 = ignore)."""
-    import toycity
+    from toyworld import city
 
-    img, lab = toycity.render_scene("gta", seed, size=(size, size))
+    img, lab = city.render_scene("gta", seed, size=(size, size))
     return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1), torch.from_numpy(lab.astype(np.int64))
 
 
@@ -110,7 +111,7 @@ def test_backbone_frozen_head_trains():
     assert not clip.training and all(not m.training for m in clip.modules())
     assert not any(p.requires_grad for p in clip.parameters())
     img, lab = scene(0, 64)
-    losses = model.loss(img[None].float(), [clouds.targets_from_label(lab)])
+    losses = model.loss(img[None].float(), [criterion.targets_from_label(lab)])
     sum(losses.values()).backward()
     assert all(p.grad is None for p in clip.parameters())
     grads = {n: p.grad for n, p in model.sem_seg_head.named_parameters()}
@@ -120,7 +121,7 @@ def test_backbone_frozen_head_trains():
 
     trainable = clouds.build_model("tiny", train_backbone=True).train()
     assert trainable.backbone.clip_model.training
-    sum(trainable.loss(img[None].float(), [clouds.targets_from_label(lab)]).values()).backward()
+    sum(trainable.loss(img[None].float(), [criterion.targets_from_label(lab)]).values()).backward()
     trunk = trainable.backbone.clip_model.visual.trunk
     used = list(trunk.stem.parameters()) + list(trunk.stages.parameters())
     assert all(p.grad is not None for p in used) and sum(p.grad.abs().sum() for p in used) > 0
@@ -187,7 +188,7 @@ def test_text_classifier():
             start += len(syns)
         void = scale * emb @ F.normalize(head.void_embedding.weight[0], dim=0)
         assert torch.allclose(logits[0, :, 19], void, atol=1e-5)
-    sum(model.criterion(out, [clouds.targets_from_label(torch.randint(0, 19, (64, 96)))] * 2).values()).backward()
+    sum(model.criterion(out, [criterion.targets_from_label(torch.randint(0, 19, (64, 96)))] * 2).values()).backward()
     assert head.logit_scale.grad is not None
 
 
@@ -196,12 +197,12 @@ def test_text_classifier():
 
 def test_targets_from_label():
     lab = torch.tensor([[0, 0, 255], [5, 255, 5]])
-    t = clouds.targets_from_label(lab)
+    t = criterion.targets_from_label(lab)
     assert t["labels"].tolist() == [0, 5]
     assert t["masks"].tolist() == [[[1, 1, 0], [0, 0, 0]], [[0, 0, 0], [1, 0, 1]]]
     assert not t["masks"].any(0)[lab == 255].any()  # ignore pixels are in no mask
     with pytest.raises(ValueError, match="label values"):
-        clouds.targets_from_label(torch.tensor([[19]]))
+        criterion.targets_from_label(torch.tensor([[19]]))
 
 
 def test_matcher_brute_force():
@@ -212,7 +213,7 @@ def test_matcher_brute_force():
     targets = [{"labels": torch.tensor([2, 0, 4]), "masks": torch.rand(3, 24, 32) > 0.5},
                {"labels": torch.zeros(0, dtype=torch.long), "masks": torch.zeros(0, 24, 32, dtype=torch.bool)},
                {"labels": torch.tensor([1, 3]), "masks": torch.rand(2, 24, 32) > 0.3}]
-    matcher = clouds.HungarianMatcher(num_points=P)
+    matcher = criterion.HungarianMatcher(num_points=P)
     indices = matcher(outputs, targets, generator=torch.Generator().manual_seed(7))
 
     g = torch.Generator().manual_seed(7)
@@ -253,7 +254,7 @@ def _loss_case():
 
 def test_loss_labels_reference():
     outputs, targets, indices = _loss_case()
-    crit = clouds.SetCriterion(4, None, eos_coef=0.1)
+    crit = criterion.SetCriterion(4, None, eos_coef=0.1)
     got = crit.loss_labels(outputs, targets, indices).item()
     num = den = 0.0
     for b in range(3):
@@ -269,7 +270,7 @@ def test_loss_labels_reference():
 def test_loss_masks_reference():
     outputs, targets, indices = _loss_case()
     P, num_masks = 16, 5.0
-    crit = clouds.SetCriterion(4, None, num_points=P, oversample_ratio=3.0, importance_sample_ratio=0.75)
+    crit = criterion.SetCriterion(4, None, num_points=P, oversample_ratio=3.0, importance_sample_ratio=0.75)
     loss_mask, loss_dice = crit.loss_masks(outputs, targets, indices, num_masks, torch.Generator().manual_seed(3))
 
     g = torch.Generator().manual_seed(3)
@@ -300,7 +301,7 @@ def test_loss_masks_reference():
 def test_criterion_weights_deep_supervision_and_empty_batch():
     outputs, targets, indices = _loss_case()
     outputs["aux_outputs"] = [{k: v + i for k, v in outputs.items()} for i in range(1, 3)]
-    crit = clouds.SetCriterion(4, lambda out, tg, gen: indices, num_points=16)
+    crit = criterion.SetCriterion(4, lambda out, tg, gen: indices, num_points=16)
     losses = crit(outputs, targets, generator=torch.Generator().manual_seed(4))
     assert set(losses) == {f"loss_{n}{s}" for n in ("ce", "mask", "dice") for s in ("", "_0", "_1")}
     num_masks = 5.0  # 2 + 0 + 3 target masks
@@ -312,7 +313,7 @@ def test_criterion_weights_deep_supervision_and_empty_batch():
 
     logits = outputs["pred_logits"].clone().requires_grad_()
     empty = [{"labels": torch.zeros(0, dtype=torch.long), "masks": torch.zeros(0, 24, 28, dtype=torch.bool)}] * 3
-    crit = clouds.SetCriterion(4, clouds.HungarianMatcher(num_points=16), num_points=16)
+    crit = criterion.SetCriterion(4, criterion.HungarianMatcher(num_points=16), num_points=16)
     losses = crit({"pred_logits": logits, "pred_masks": outputs["pred_masks"]}, empty)
     assert losses["loss_mask"].item() == 0 and losses["loss_dice"].item() == 0 and losses["loss_ce"].item() > 0
     sum(losses.values()).backward()
@@ -333,7 +334,7 @@ def test_training_reduces_loss():
     torch.manual_seed(0)
     model = clouds.build_model("tiny").train()
     images, labels = zip(*[scene(s, 64) for s in range(2)])  # one batch of two 64x64 ToyCity scenes
-    x, targets = torch.stack(images).float(), [clouds.targets_from_label(lab) for lab in labels]
+    x, targets = torch.stack(images).float(), [criterion.targets_from_label(lab) for lab in labels]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3, weight_decay=0.05)
     gen, history = torch.Generator().manual_seed(0), []
     for _ in range(30):

@@ -15,7 +15,7 @@ import checkpoints
 import clouds
 import generate
 import refine
-import runs
+from runtools import runs
 import train
 from devicestrict import DEVICE, DeviceMismatchError, DeviceTensor, HostSyncError, count_joint_syncs, device_mode
 from devicestrict import joint_argv, tiny_sam_predictor

@@ -155,7 +155,7 @@ def check_manifest(out, n):
 
 
 def test_toy_resume_and_sharding_give_identical_files(tmp_path, monkeypatch):
-    import toycity
+    from toyworld import city
     n = 7
     full = generate.main(toy_args(tmp_path / "full", n))
     assert full["written"] == n
@@ -183,7 +183,7 @@ def test_toy_resume_and_sharding_give_identical_files(tmp_path, monkeypatch):
     check_manifest(tmp_path / "ranks", n)
 
     # interrupted after 3 images (plus a torn manifest line), then resumed
-    render, calls = toycity.render, []
+    render, calls = city.render, []
 
     def flaky(prompt, seed, size=(192, 192)):
         if len(calls) == 3:
@@ -265,8 +265,8 @@ def test_refuses_other_settings_and_overwrite_replaces(tmp_path, capsys):
 def test_interrupted_folder_manifest_lists_exactly_the_files(tmp_path, monkeypatch):
     """However a run ends, what training loads (images/*.png) is what the manifest lists."""
     import data
-    import toycity
-    out, render = tmp_path / "g", toycity.render
+    from toyworld import city
+    out, render = tmp_path / "g", city.render
     monkeypatch.setattr(generate, "_write_png", lambda path, image, real=generate._write_png: (
         real(path, image), None if path.name != "im_2_p2.png" else (_ for _ in ()).throw(KeyboardInterrupt)))
     with pytest.raises(KeyboardInterrupt):  # killed after writing image 2, before its manifest line
@@ -275,7 +275,7 @@ def test_interrupted_folder_manifest_lists_exactly_the_files(tmp_path, monkeypat
     listed = sorted(r["file"] for r in read_manifest(out))
     loaded = sorted(f"images/{Path(p).name}" for p, _ in data.build_dataset("generated", out).items)
     assert listed == loaded == ["images/im_0_p0.png", "images/im_1_p1.png", "images/im_2_p2.png"]
-    assert toycity.render is render
+    assert city.render is render
     generate.main(toy_args(out, 5))
     assert sorted(r["file"] for r in read_manifest(out)) == \
         sorted(f"images/{Path(p).name}" for p, _ in data.build_dataset("generated", out).items) and \

@@ -13,9 +13,10 @@ import clouds
 import data
 import evaluate
 import ops
-import preflight
-import runs
+from runtools import preflight
+from runtools import runs
 import train
+from runtools import train_config
 
 NINJA_LOG = textwrap.dedent("""\
     Error building extension 'clouds_ops_cuda': [1/6] c++ -MMD -MF library.o.d -DTORCH_EXTENSION_NAME=clouds_ops_cuda \
@@ -51,13 +52,13 @@ def test_cuda_build_failure_is_a_problem_with_the_first_compiler_error(monkeypat
 
     monkeypatch.setattr(ops, "load_extension", fail)
     monkeypatch.setattr(ops, "nvcc_problem", lambda: None)
-    cfg = train.parse_config([])
+    cfg = train_config.parse_config([])
     problems, warnings = preflight.ops_problems(cfg, cuda_env())
     (problem,) = problems
     assert 'ms_deform_attn_cuda.cu(42): error: identifier "sampel" is undefined' in problem
     assert "(57)" not in problem and "--allow-ops-fallback" in problem and not warnings
     # the flag accepts the slow path: a warning, and "auto" then runs the references without building again
-    problems, warnings = preflight.ops_problems(train.parse_config(["--allow-ops-fallback"]), cuda_env())
+    problems, warnings = preflight.ops_problems(train_config.parse_config(["--allow-ops-fallback"]), cuda_env())
     assert not problems and "--allow-ops-fallback" in warnings[0] and "sampel" in warnings[0]
     impls = ops.resolved_impls()
     assert set(impls) == set(ops.OPS) and all("reference" in v and "sampel" in v for v in impls.values())

@@ -27,9 +27,10 @@ import checkpoints
 import data
 import evaluate
 import generate
-import preflight
+from runtools import preflight
 import refine
 import train
+from runtools import train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny", "--train-backbone", "--crop-size", "64", "--batch-size", "2", "--workers", "0",
@@ -351,13 +352,13 @@ def test_bad_files_are_found_before_the_warmup(gta_root, tmp_path, capsys):
 
 
 def test_check_images_samples_within_its_budget(toy_root, monkeypatch):
-    cfg = train.parse_config(warmup_args(toy_root, "unused"))
+    cfg = train_config.parse_config(warmup_args(toy_root, "unused"))
     monkeypatch.setattr(preflight, "CHECK_MIN_SECONDS", 0.0)
     monkeypatch.setattr(preflight, "CHECK_SHARE", 0.0)
     problems, notes = preflight.check_images(cfg, None, 0.0)
     assert problems == [] and notes[0].startswith("checked a random 1 of 3 input files (source labels and image "
                                                   "headers) in ") and "--check-images opens them all" in notes[0]
-    cfg = train.parse_config(warmup_args(toy_root, "unused", "--check-images"))
+    cfg = train_config.parse_config(warmup_args(toy_root, "unused", "--check-images"))
     assert preflight.check_images(cfg, None, 0.0)[1][0].startswith("checked all 3 input files")
 
 

@@ -40,8 +40,8 @@ def noisy(shape, classes=3, seed=0):
 
 
 def toycity_label(seed, domain="cityscapes", size=None):
-    toycity = pytest.importorskip("toycity")
-    return torch.as_tensor(toycity.render_scene(domain, seed, size=size)[1])
+    toycity = pytest.importorskip("toyworld.city")
+    return torch.as_tensor(city.render_scene(domain, seed, size=size)[1])
 
 
 # ---- connected components ----

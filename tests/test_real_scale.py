@@ -12,6 +12,7 @@ import torch
 import clouds
 import refine
 import train
+from runtools import train_config
 from test_refine import tiny_sam
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,9 +98,9 @@ def test_sync_only_under_profile(monkeypatch):
     assert calls == [torch.device("cuda", 0)]
     train._sync(torch.device("cpu"), profile=True)
     assert len(calls) == 1
-    cfg = train.TrainConfig()
+    cfg = train_config.TrainConfig()
     assert cfg.tf32 is True and cfg.profile is False              # stated defaults
-    assert train.parse_config(["--no-tf32", "--profile"]).tf32 is False
+    assert train_config.parse_config(["--no-tf32", "--profile"]).tf32 is False
 
 
 # ---- CUDA: the refinement path never leaves the device ----

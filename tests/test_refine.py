@@ -10,7 +10,7 @@ import torch
 
 import ops
 import refine
-import toysam
+from toyworld import sam as toysam
 
 
 # ---- helpers ----
@@ -350,7 +350,7 @@ def test_toy_refinement_sharpens_a_weak_teacher():
     The strict mIoU (uncovered pixels counted as misses, all 19 classes) is printed too; it falls (small classes
     are dropped by design).
     """
-    import toycity
+    from toyworld import city
     size = 192
     cfg = refine.RefineConfig(min_area=round(5000 * size * size / 768 ** 2))  # official 5000 px at 768^2 -> 312
     assert np.pi * 6 ** 2 < cfg.min_area  # blobs are below the threshold: no prompt of their own
@@ -358,7 +358,7 @@ def test_toy_refinement_sharpens_a_weak_teacher():
     cov_t, cov_r, all_t, all_r = (np.zeros((C, C + 1), np.int64) for _ in range(4))
     covered = []
     for seed, prompt in enumerate(TOY_PROMPTS):
-        image, gt = toycity.render_with_label(prompt, seed, size=(size, size))
+        image, gt = city.render_with_label(prompt, seed, size=(size, size))
         teacher = swap_blobs(mode_filter(gt, 7), np.random.default_rng(seed), n=30, radius=6)
         classes, masks = refine.refine_pseudo_label(image, teacher, predictor, cfg, torch.Generator().manual_seed(seed))
         refined = refine.label_map(classes, masks).numpy()
@@ -376,13 +376,13 @@ def test_toy_refinement_sharpens_a_weak_teacher():
 
 
 def test_cli_end_to_end(tmp_path, capsys):
-    import toycity
+    from toyworld import city
     from PIL import Image
     (tmp_path / "images").mkdir()
     (tmp_path / "labels").mkdir()
     pairs = {}
     for seed, (stem, label_name) in enumerate([("a", "a.png"), ("b", "b_labelTrainIds.png")]):
-        image, gt = toycity.render_with_label(TOY_PROMPTS[seed], seed, size=(96, 128))
+        image, gt = city.render_with_label(TOY_PROMPTS[seed], seed, size=(96, 128))
         teacher = mode_filter(gt, 5).astype(np.uint8)
         Image.fromarray(image).save(tmp_path / "images" / f"{stem}.png")
         Image.fromarray(teacher).save(tmp_path / "labels" / label_name)
@@ -414,12 +414,12 @@ def test_cli_end_to_end(tmp_path, capsys):
 
 def toy_folder(root, n=2, size=(96, 128)):
     """images/ + labels/ (teacher = mode-filtered ToyCity GT) of n ToyCity scenes."""
-    import toycity
+    from toyworld import city
     from PIL import Image
     (root / "images").mkdir(parents=True)
     (root / "labels").mkdir()
     for i in range(n):
-        image, gt = toycity.render_with_label(TOY_PROMPTS[i % len(TOY_PROMPTS)], i, size=size)
+        image, gt = city.render_with_label(TOY_PROMPTS[i % len(TOY_PROMPTS)], i, size=size)
         Image.fromarray(image).save(root / "images" / f"im{i}.png")
         Image.fromarray(mode_filter(gt, 5).astype(np.uint8)).save(root / "labels" / f"im{i}.png")
     return ["--images", str(root / "images"), "--labels", str(root / "labels"), "--out", str(root / "out"),

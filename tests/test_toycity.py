@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import toycity
+from toyworld import city
 
 # Raw id -> train id, written from the dataset documentation (reference §7.3).
 CITYSCAPES = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13,
@@ -37,8 +37,8 @@ def read(path):
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("toycity")
-    counts = toycity.build(root, seed=0, num_images=3, workers=1, progress=False)
-    assert counts == {d: 6 if d == "cityscapes" else 3 for d in toycity.DOMAINS}
+    counts = city.build(root, seed=0, num_images=3, workers=1, progress=False)
+    assert counts == {d: 6 if d == "cityscapes" else 3 for d in city.DOMAINS}
     return root
 
 
@@ -50,7 +50,7 @@ def files(root, pattern):
 
 def check_scene(domain, split, index, image, label, exact_image=True):
     """The written files are exactly render_scene's output for the image's seed."""
-    ref_image, ref_label = toycity.render_scene(domain, toycity._image_seed(0, domain, split, index))
+    ref_image, ref_label = city.render_scene(domain, city._image_seed(0, domain, split, index))
     np.testing.assert_array_equal(label, ref_label)
     if exact_image:
         np.testing.assert_array_equal(image, ref_image)
@@ -121,7 +121,7 @@ def test_mapillary_layout(root):
         assert fmt == "JPEG" and img.shape[:2] in MAPILLARY_SIZES and img.shape[:2] == raw.shape
     assert {13, 15, 17, 27, 24, 2} <= seen  # road, sidewalk, building, sky, lane marking, curb
     assert set(to_train(np.array(sorted(seen)), MAPILLARY).tolist()) <= VALID
-    sizes = {toycity.render_scene("mapillary", s)[0].shape[:2] for s in range(12)}
+    sizes = {city.render_scene("mapillary", s)[0].shape[:2] for s in range(12)}
     assert len(sizes) >= 3 and sizes <= MAPILLARY_SIZES and any(h > w for h, w in sizes) and any(h < w for h, w in sizes)
 
 
@@ -145,7 +145,7 @@ def test_jpeg_domains_match_render_scene(root):
     """BDD and Mapillary: labels exact, images close (JPEG); the other domains compare exactly in their layout tests."""
     for domain in ("bdd", "mapillary"):
         for i in range(3):
-            img_path, labels = toycity._paths(root, domain, "val", i, toycity._image_seed(0, domain, "val", i))
+            img_path, labels = city._paths(root, domain, "val", i, city._image_seed(0, domain, "val", i))
             raw = read(next(iter(labels.values())))[2]
             check_scene(domain, "val", i, read(img_path)[2], to_train(raw, MAPILLARY) if domain == "mapillary" else raw,
                         exact_image=False)
@@ -158,39 +158,39 @@ def digest(root):
 
 def test_build_deterministic_parallel_and_resumable(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    toycity.build(a, seed=3, num_images=1, workers=1, progress=False)
-    toycity.build(b, seed=3, num_images=1, workers=2, progress=False)  # worker order must not matter
+    city.build(a, seed=3, num_images=1, workers=1, progress=False)
+    city.build(b, seed=3, num_images=1, workers=2, progress=False)  # worker order must not matter
     da, db = digest(a), digest(b)
     assert da == db and len(da) == 24 and not [p for p in da if ".tmp" in p]
     victim = a / next(p for p in da if p.startswith("gta5/images"))
     victim.unlink()
     stamp = (a / next(p for p in da if p.startswith("synthia/RGB"))).stat().st_mtime_ns
-    assert toycity.build(a, seed=3, num_images=1, workers=1, progress=False)["gta"] == 1
+    assert city.build(a, seed=3, num_images=1, workers=1, progress=False)["gta"] == 1
     assert digest(a) == db  # the missing file is rewritten identically
     assert (a / next(p for p in da if p.startswith("synthia/RGB"))).stat().st_mtime_ns == stamp  # others skipped
-    toycity.build(tmp_path / "c", seed=4, num_images=1, workers=1, progress=False)
+    city.build(tmp_path / "c", seed=4, num_images=1, workers=1, progress=False)
     assert digest(tmp_path / "c") != da
 
 
 def test_main_cli(tmp_path):
-    counts = toycity.main(["--out", str(tmp_path), "--num-images", "1", "--workers", "1", "--no-progress"])
-    assert counts == {d: 2 if d == "cityscapes" else 1 for d in toycity.DOMAINS}
+    counts = city.main(["--out", str(tmp_path), "--num-images", "1", "--workers", "1", "--no-progress"])
+    assert counts == {d: 2 if d == "cityscapes" else 1 for d in city.DOMAINS}
     assert len(list(tmp_path.rglob("*.jpg"))) == 2
 
 
 def test_render_reproducible():
-    a = toycity.render("A photo of a busy road in daylight with sunny weather.", 7)
+    a = city.render("A photo of a busy road in daylight with sunny weather.", 7)
     assert a.dtype == np.uint8 and a.shape == (192, 192, 3)
-    np.testing.assert_array_equal(a, toycity.render("A photo of a busy road in daylight with sunny weather.", 7))
-    assert not np.array_equal(a, toycity.render("A photo of a busy road in daylight with sunny weather.", 8))
-    assert toycity.render("a street", 0, size=(96, 160)).shape == (96, 160, 3)
-    img, lbl = toycity.render_with_label("a street", 0, size=(96, 160))
-    np.testing.assert_array_equal(img, toycity.render("a street", 0, size=(96, 160)))
+    np.testing.assert_array_equal(a, city.render("A photo of a busy road in daylight with sunny weather.", 7))
+    assert not np.array_equal(a, city.render("A photo of a busy road in daylight with sunny weather.", 8))
+    assert city.render("a street", 0, size=(96, 160)).shape == (96, 160, 3)
+    img, lbl = city.render_with_label("a street", 0, size=(96, 160))
+    np.testing.assert_array_equal(img, city.render("a street", 0, size=(96, 160)))
     assert lbl.shape == (96, 160) and set(np.unique(lbl)) <= VALID
 
 
 def mean_over_seeds(prompt, fn, seeds=range(4)):
-    return np.mean([fn(*toycity.render_with_label(prompt, s)) for s in seeds])
+    return np.mean([fn(*city.render_with_label(prompt, s)) for s in seeds])
 
 
 def test_render_follows_weather_words():
@@ -211,7 +211,7 @@ def test_render_follows_weather_words():
     ("a stop sign", [7]), ("trees in a park", [8])])
 def test_render_contains_prompted_classes(prompt, classes):
     for seed in range(3):
-        lbl = toycity.render_with_label(prompt, seed)[1]
+        lbl = city.render_with_label(prompt, seed)[1]
         for c in classes:
             assert (lbl == c).sum() >= 4, (prompt, seed, c)
 
@@ -227,32 +227,32 @@ def test_render_crowd_has_many_people():
 def test_sources_have_all_classes(domain):
     seen = set()
     for seed in range(40):
-        image, label = toycity.render_scene(domain, seed)
+        image, label = city.render_scene(domain, seed)
         assert image.shape[:2] == label.shape and set(np.unique(label)) <= VALID
         seen |= set(np.unique(label).tolist())
     assert set(range(19)) <= seen, sorted(set(range(19)) - seen)
 
 
 def test_targets_have_common_classes_and_sizes():
-    gta_rows = {toycity.render_scene("gta", s)[0].shape[0] for s in range(20)}
+    gta_rows = {city.render_scene("gta", s)[0].shape[0] for s in range(20)}
     assert gta_rows == {262, 263}
     common = {0, 1, 2, 5, 8, 10, 11, 13}  # road, sidewalk, building, pole, vegetation, sky, person, car
-    for domain in toycity.DOMAINS[2:]:
+    for domain in city.DOMAINS[2:]:
         seen = set()
         for seed in range(8):
-            seen |= set(np.unique(toycity.render_scene(domain, seed)[1]).tolist())
+            seen |= set(np.unique(city.render_scene(domain, seed)[1]).tolist())
         assert common <= seen, (domain, sorted(common - seen))
     for domain, size in (("synthia", (190, 320)), ("cityscapes", (256, 512)), ("bdd", (180, 320)),
                          ("acdc_fog", (270, 480))):
-        assert toycity.render_scene(domain, 0)[0].shape[:2] == size
-    assert toycity.render_scene("gta", 0, size=(64, 96))[1].shape == (64, 96)
+        assert city.render_scene(domain, 0)[0].shape[:2] == size
+    assert city.render_scene("gta", 0, size=(64, 96))[1].shape == (64, 96)
 
 
 def test_domains_differ():
     """Global statistics differ per domain, and a colour -> class rule learnt on a source transfers badly."""
     stats = {}
-    for d in toycity.DOMAINS:  # mean and std of each channel, averaged over a few images
-        ims = [toycity.render_scene(d, 100 + s)[0].astype(float) for s in range(4)]
+    for d in city.DOMAINS:  # mean and std of each channel, averaged over a few images
+        ims = [city.render_scene(d, 100 + s)[0].astype(float) for s in range(4)]
         stats[d] = np.mean([np.concatenate([im.mean((0, 1)), im.std((0, 1))]) for im in ims], 0)
     dist = [np.linalg.norm(stats[a] - stats[b]) for i, a in enumerate(stats) for b in list(stats)[i + 1:]]
     assert min(dist) > 4, min(dist)
@@ -261,7 +261,7 @@ def test_domains_differ():
     def pixels(domain, seeds):
         xs, ys = [], []
         for s in seeds:
-            im, lb = toycity.render_scene(domain, s)
+            im, lb = city.render_scene(domain, s)
             idx = rng.choice(np.flatnonzero(lb.ravel() < 19), 2000)
             xs.append(im.reshape(-1, 3)[idx].astype(float))
             ys.append(lb.ravel()[idx])
@@ -280,25 +280,25 @@ def test_domains_differ():
 
 def test_errors():
     with pytest.raises(ValueError, match="valid domains"):
-        toycity.render_scene("kitti", 0)
+        city.render_scene("kitti", 0)
     with pytest.raises(ValueError, match="at least 16x16"):
-        toycity.render("a street", 0, size=(8, 8))
+        city.render("a street", 0, size=(8, 8))
     with pytest.raises(ValueError, match="num_images"):
-        toycity.build("/nonexistent", num_images=-1)
+        city.build("/nonexistent", num_images=-1)
 
 
 def test_cli_errors_one_message_and_help(tmp_path, capsys):
-    import toycity
+    from toyworld import city
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit) as err:
-        toycity.main(["--out", str(tmp_path / "file"), "--num-images", "-1", "--workers", "0"])
+        city.main(["--out", str(tmp_path / "file"), "--num-images", "-1", "--workers", "0"])
     msg = capsys.readouterr().err
     assert err.value.code == 2 and "Traceback" not in msg and "3 problem(s)" in msg
     assert "--num-images must be >= 0" in msg and "--workers must be >= 1" in msg and "--out" in msg
     with pytest.raises(ValueError, match="--workers"):  # --debug: the exception itself
-        toycity.main(["--out", str(tmp_path / "d"), "--workers", "0", "--debug"])
+        city.main(["--out", str(tmp_path / "d"), "--workers", "0", "--debug"])
     assert not (tmp_path / "d").exists()
     with pytest.raises(SystemExit):
-        toycity.main(["--help"])
+        city.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: datasets_toy)" in text and "gta 200" in text and "--debug" in text

@@ -19,6 +19,7 @@ import clouds
 import criterion
 import generate
 import train
+from runtools import train_config
 
 TINY = ["--preset", "tiny", "--train-backbone", "--crop-size", "64", "--batch-size", "2", "--workers", "0",
         "--test-short-side", "64", "--log-every", "1", "--no-progress", "--seed", "0"]
@@ -259,7 +260,7 @@ def test_mixing_rate_matches_reference_and_sampler():
 
 def test_param_groups_weight_decay():
     model = clouds.build_model("tiny", train_backbone=False)
-    cfg = train.TrainConfig(preset="tiny")
+    cfg = train_config.TrainConfig(preset="tiny")
     groups = train.param_groups({"head": model.sem_seg_head}, cfg, 1e-5)
     decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     names = dict(model.sem_seg_head.named_parameters())
@@ -277,20 +278,20 @@ def test_param_groups_weight_decay():
 
 def test_config_presets_and_cli_overrides():
     # reference §1.4: per-source iterations, LR, schedule, eval period, target factor, test sets
-    syn, city = train.parse_config(["--source", "synthia"]), train.parse_config(["--source", "cityscapes"])
+    syn, city = train_config.parse_config(["--source", "synthia"]), train_config.parse_config(["--source", "cityscapes"])
     assert (syn.iters_warmup, syn.iters_joint, syn.lr, syn.schedule, syn.eval_every, syn.target_factor) == \
         (30000, 30000, 1e-5, "poly", 1500, 0.7)
     assert (city.iters_warmup, city.iters_joint, city.lr, city.schedule, city.target_factor) == \
         (5000, 10000, 1e-4, "constant", 0.2)
     assert set(city.eval_sets) == {"acdc_fog", "acdc_night", "acdc_rain", "acdc_snow", "cityscapes"}
     assert city.ckpt_every == 2500  # official CHECKPOINT_PERIOD = 5 x EVAL_PERIOD
-    cfg = train.parse_config(["--source", "synthia", "--lr", "3e-4", "--ema-every", "1", "--no-plots", "--eval-sets",
+    cfg = train_config.parse_config(["--source", "synthia", "--lr", "3e-4", "--ema-every", "1", "--no-plots", "--eval-sets",
                               "bdd", "acdc_fog", "--p-gen", "0.25", "--iters-joint", "7"])
     assert (cfg.lr, cfg.ema_every, cfg.plots, cfg.eval_sets, cfg.p_gen, cfg.iters_joint, cfg.schedule) == \
         (3e-4, 1, False, ("bdd", "acdc_fog"), 0.25, 7, "poly")
     # every TrainConfig field has a command-line flag
-    flags = {a.dest for a in train.build_parser()._actions}
-    assert {f.name for f in dataclasses.fields(train.TrainConfig)} <= flags
+    flags = {a.dest for a in train_config.build_parser()._actions}
+    assert {f.name for f in dataclasses.fields(train_config.TrainConfig)} <= flags
     # the LR schedules: constant (WarmupMultiStepLR beyond MAX_ITER) and poly 0.9 ending at 0
     poly = train.LRSchedule("poly", 100, 0.9)
     assert train.LRSchedule("constant", 100)(99) == 1.0 and poly(0) == 1.0 and poly(100) == 0.0
@@ -353,7 +354,7 @@ def test_tensorboard_missing_is_a_clear_error(toy_root, tmp_path, capsys):
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(toy_root, tmp_path, monkeypatch):
-    forward, calls = clouds.SetCriterion.forward, []
+    forward, calls = criterion.SetCriterion.forward, []
 
     def poisoned(self, outputs, targets, generator=None):
         losses = forward(self, outputs, targets, generator)
@@ -362,7 +363,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(toy_root, tmp_path, monkeypatc
             losses["loss_dice"] = losses["loss_dice"] * float("nan")
         return losses
 
-    monkeypatch.setattr(clouds.SetCriterion, "forward", poisoned)
+    monkeypatch.setattr(criterion.SetCriterion, "forward", poisoned)
     argv = [*TINY, "--data-root", str(toy_root), "--out", str(tmp_path), "--phase", "warmup", "--iters-warmup", "4",
             "--ckpt-every", "2", "--eval-every", "0", "--debug"]  # --debug: the error itself, not exit 1
     with pytest.raises(RuntimeError, match="non-finite loss at warmup iteration 2.*last good checkpoint"):

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 import clouds
-import preflight
+import criterion
+from runtools import preflight
 import train
+from runtools import train_config
 
 TINY = ["--preset", "tiny", "--train-backbone", "--crop-size", "64", "--batch-size", "2", "--workers", "0",
         "--test-short-side", "64", "--log-every", "1", "--no-progress", "--seed", "0", "--no-plots"]
@@ -82,11 +84,11 @@ def test_usage_errors_exit_2_with_choices(capsys):
 
 
 def test_every_flag_has_help_choices_and_default():
-    parser = train.build_parser()
+    parser = train_config.build_parser()
     actions = [a for a in parser._actions if a.dest != "help"]
     assert all(a.help for a in actions), [a.dest for a in actions if not a.help]
     by_dest = {a.dest: a for a in actions}
-    assert list(by_dest["sam"].choices) == list(train.SAMS) and "tiny" in by_dest["preset"].choices
+    assert list(by_dest["sam"].choices) == list(train_config.SAMS) and "tiny" in by_dest["preset"].choices
     text = " ".join(parser.format_help().split())  # argparse wraps lines
     assert "--save-every SAVE_EVERY OUT/last.pt every N iterations" in text and "(default: 1000)" in text
     assert "{vit_t,vit_h,vit_l,vit_b,toy,none}" in text and "{none,toy}" in text
@@ -187,14 +189,14 @@ def test_nan_outputs_are_caught_before_the_matcher(toy_root, tmp_path, monkeypat
                 out["aux_outputs"][1]["pred_masks"] = out["aux_outputs"][1]["pred_masks"] * float("nan")
         return out
 
-    matcher = clouds.HungarianMatcher.__call__
+    matcher = criterion.HungarianMatcher.__call__
 
     def spy(self, outputs, targets, generator=None):
         matched.append(bool(torch.isfinite(outputs["pred_masks"]).all()))
         return matcher(self, outputs, targets, generator)
 
     monkeypatch.setattr(train._Student, "forward", poisoned)
-    monkeypatch.setattr(clouds.HungarianMatcher, "__call__", spy)
+    monkeypatch.setattr(criterion.HungarianMatcher, "__call__", spy)
     assert run_exit(warmup_args(toy_root, tmp_path, "--iters-warmup", "4", "--save-every", "2")) == 1
     err = capsys.readouterr().err
     assert "non-finite model outputs at warmup iteration 2 (aux_outputs[1].pred_masks)" in err
@@ -207,20 +209,20 @@ def test_nan_outputs_are_caught_before_the_matcher(toy_root, tmp_path, monkeypat
 
 
 def test_recipe_toy_sets_the_demo_values_and_explicit_flags_win():
-    cfg, notes = train.parse_args(["--recipe", "toy", "--lr", "1e-3", "--iters-joint", "7"])
-    for key, value in train.DEMO.items():
+    cfg, notes = train_config.parse_args(["--recipe", "toy", "--lr", "1e-3", "--iters-joint", "7"])
+    for key, value in train_config.TOY.items():
         if key != "lr":
             assert getattr(cfg, key) == value, key
     assert (cfg.lr, cfg.iters_joint, cfg.iters_warmup, cfg.data_root, cfg.sam) == (1e-3, 7, 400, "datasets_toy", "toy")
     assert cfg.sam_min_area == 312  # 5000 px on 768^2 -> the same share of 192^2
     assert "--preset tiny" in notes[0] and "--train-backbone," in notes[0] and "--lr" not in notes[0]
-    assert train.parse_args([])[1] == [] and train.parse_args([])[0].lr == 1e-5
+    assert train_config.parse_args([])[1] == [] and train_config.parse_args([])[0].lr == 1e-5
 
 
 def test_random_frozen_backbone_warns():
-    assert "RANDOM-INIT" in preflight.run_warnings(train.parse_config(["--preset", "tiny"]))[0]
-    assert preflight.run_warnings(train.parse_config(["--preset", "tiny", "--train-backbone"])) == []
-    assert preflight.run_warnings(train.parse_config(["--recipe", "toy"])) == []
+    assert "RANDOM-INIT" in preflight.run_warnings(train_config.parse_config(["--preset", "tiny"]))[0]
+    assert preflight.run_warnings(train_config.parse_config(["--preset", "tiny", "--train-backbone"])) == []
+    assert preflight.run_warnings(train_config.parse_config(["--recipe", "toy"])) == []
 
 
 def test_clip_cache_check_is_offline(tmp_path, monkeypatch):
@@ -228,7 +230,7 @@ def test_clip_cache_check_is_offline(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    cfg = train.parse_config([])
+    cfg = train_config.parse_config([])
     (problem,) = preflight.clip_problems(cfg)
     assert "hf download laion/CLIP-convnext_large_d_320.laion2B-s29B-b131K-ft-soup open_clip_pytorch_model.bin" \
         in problem and str(tmp_path) in problem
@@ -238,6 +240,6 @@ def test_clip_cache_check_is_offline(tmp_path, monkeypatch):
     (repo / "snapshots" / "abc123").mkdir(parents=True)
     (repo / "snapshots" / "abc123" / "open_clip_pytorch_model.bin").write_bytes(b"x")
     assert preflight.clip_problems(cfg) == []
-    rn50 = preflight.clip_problems(train.parse_config(["--preset", "rn50"]))
+    rn50 = preflight.clip_problems(train_config.parse_config(["--preset", "rn50"]))
     assert "hf download timm/resnet50_clip.openai" in rn50[0]
-    assert preflight.clip_problems(train.parse_config(["--clip-weights", str(repo / "refs" / "main")])) == []
+    assert preflight.clip_problems(train_config.parse_config(["--clip-weights", str(repo / "refs" / "main")])) == []

@@ -23,7 +23,7 @@ import clouds
 import criterion
 import data
 import generate
-import toysam
+from toyworld import sam as toysam
 import train
 
 TINY = ["--preset", "tiny", "--train-backbone", "--crop-size", "64", "--batch-size", "2", "--workers", "0",
@@ -343,7 +343,7 @@ def _ddp_worker(rank, world, port, argv, out):
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     criterion._rand = _fixed_rand
-    clouds.SetCriterion.forward = _one_mask_per_image(clouds.SetCriterion.forward)
+    criterion.SetCriterion.forward = _one_mask_per_image(criterion.SetCriterion.forward)
     torch.nn.utils.clip_grad_norm_ = _save_first_grads(torch.nn.utils.clip_grad_norm_,
                                                        os.path.join(out, f"grads_rank{rank}.pt"))
     train.main(argv)
@@ -360,7 +360,7 @@ def test_ddp_first_step_gradients_match_single_process(inputs, tmp_path, monkeyp
     argv = lambda out: joint_argv(toy_root, gen, weights, out, "--iters-joint", "1", "--p-gen", "0.5")
     mp.spawn(_ddp_worker, nprocs=2, join=True, args=(2, _free_port(), argv(tmp_path / "ddp"), str(tmp_path)))
     monkeypatch.setattr(criterion, "_rand", _fixed_rand)
-    monkeypatch.setattr(clouds.SetCriterion, "forward", _one_mask_per_image(clouds.SetCriterion.forward))
+    monkeypatch.setattr(criterion.SetCriterion, "forward", _one_mask_per_image(criterion.SetCriterion.forward))
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
                         _save_first_grads(torch.nn.utils.clip_grad_norm_, str(tmp_path / "grads_single.pt")))
     train.main(argv(tmp_path / "single"))

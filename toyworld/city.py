@@ -29,12 +29,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from toypaint import _domain_palette, _paint
-# the classes are re-exported (toycity.CLASSES, toycity.CAR, ... stay public)
-from toyparts import (BICYCLE, BIRD, BUILDING, BUS, CAR, CLASSES, CROSSWALK, CURB, EGO, FENCE, IGNORE,  # noqa: F401
-                      LANE, LIGHT, MANHOLE, MOTO_RIDER, MOTORCYCLE, PERSON, POLE, RAIL, RIDER, ROAD, SIDEWALK, SIGN,
-                      SKY, STATIC, TERRAIN, TRAIN, TRUCK, UTILITY_POLE, VEGETATION, WALL, _BASE, _Canvas)
-from toyscene import _Street
+from toyworld.paint import _domain_palette, _paint
+from toyworld.parts import (BICYCLE, BUS, CAR, IGNORE, LIGHT, MOTORCYCLE, PERSON, SIGN, SKY, TRAIN, TRUCK,
+                            VEGETATION, _BASE, _Canvas)
+from toyworld.scene import _Street
 
 # ---- domains and raw label formats ----
 

@@ -1,5 +1,5 @@
 """ToyCity's appearance: a segment map -> RGB (colour, texture, facades, sky, shadows, weather, colour grading, camera
-artefacts), with each domain's palette. Domain styles (toycity.Style) say how much of each; this file says how.
+artefacts), with each domain's palette. Domain styles (city.Style) say how much of each; this file says how.
 It imports only toyparts.py.
 """
 import zlib
@@ -7,7 +7,7 @@ import zlib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from toyparts import CROSSWALK, CURB, LANE, MANHOLE, RAIL, ROAD, SIDEWALK, SKY, TERRAIN, VEGETATION, WALL, _BASE
+from toyworld.parts import CROSSWALK, CURB, LANE, MANHOLE, RAIL, ROAD, SIDEWALK, SKY, TERRAIN, VEGETATION, WALL, _BASE
 
 
 # ---- appearance: colour, texture, light, weather ----

@@ -12,7 +12,7 @@ import backbones
 import clouds
 import data
 import refine
-import runs
+from runtools import runs
 
 DESCRIPTION = "Warmup and joint self-training of CLOUDS (Sec. 3.3 and 4.1 of the paper; reference §1, §4, §5)."
 # ---- config ----
@@ -44,22 +44,22 @@ BACKBONE_CHOICES = ("clip", *backbones.BACKBONES)  # clip: the --preset's open_c
 PROTOCOLS = ("whole", "slide")  # evaluation: CLOUDS' whole image | the Rein family's sliding windows
 EVAL_SETS = tuple(n for n in data.DATASETS if n != "generated")
 
-# The toy recipe: one source of truth for `--recipe toy` and `--demo`. Toy scale: ToyCity GTA is 263x478 (real / 4);
+# The toy recipe: one source of truth for `--recipe toy` and the demo (toyworld/demo.py). Toy scale: ToyCity GTA is 263x478 (real / 4);
 # generated toy images are 192x192. Random init: higher LR than the official 1e-5, no 0.1x backbone multiplier.
-DEMO_ROOT = "datasets_toy"
-DEMO_TARGETS = ("cityscapes", "bdd", "mapillary", "acdc_fog", "acdc_night", "acdc_rain", "acdc_snow")
-DEMO = dict(
+TOY_ROOT = "datasets_toy"
+TOY_TARGETS = ("cityscapes", "bdd", "mapillary", "acdc_fog", "acdc_night", "acdc_rain", "acdc_snow")
+TOY = dict(
     preset="tiny", train_backbone=True, crop_size=192, scale_min=0.5, scale_max=2.0, test_short_side=256,
     batch_size=4, lr=5e-4, backbone_multiplier=1.0, schedule="constant", workers=0, log_every=20,
-    eval_sets=DEMO_TARGETS, eval_max=25, ema_every=10)
-DEMO_ITERS = {"warmup": 400, "joint": 200}
+    eval_sets=TOY_TARGETS, eval_max=25, ema_every=10)
+TOY_ITERS = {"warmup": 400, "joint": 200}
 # Sec. 3.3 toy scale: the official 5000 px threshold on 768x768 crops is 0.85% of the crop; the same share of a
 # 192x192 toy image is 312 px
-TOY_MIN_AREA = round(5000 * (DEMO["crop_size"] / 768) ** 2)
+TOY_MIN_AREA = round(5000 * (TOY["crop_size"] / 768) ** 2)
 RECIPES = {
     "none": {},
-    "toy": {**DEMO, "data_root": DEMO_ROOT, "iters_warmup": DEMO_ITERS["warmup"], "iters_joint": DEMO_ITERS["joint"],
-            "eval_every": DEMO_ITERS["joint"], "sam": "toy", "sam_min_area": TOY_MIN_AREA},
+    "toy": {**TOY, "data_root": TOY_ROOT, "iters_warmup": TOY_ITERS["warmup"], "iters_joint": TOY_ITERS["joint"],
+            "eval_every": TOY_ITERS["joint"], "sam": "toy", "sam_min_area": TOY_MIN_AREA},
 }
 
 
@@ -145,13 +145,11 @@ class TrainConfig:
     resume: bool = _field(False, "continue from OUT/last.pt (model, optimizer, schedule, teacher, iteration)")
     overwrite: bool = _field(False, "start over in an --out that already holds a run (its files are replaced)")
     allow_config_change: bool = _field(False, "with --resume: apply changed lr/schedule/iterations/... (logged)")
-    recipe: str = _field("none", "toy: the ToyCity settings of --demo (explicit flags win; printed)")
+    recipe: str = _field("none", "toy: the ToyCity settings of the demo, python -m toyworld.demo (explicit flags win; printed)")
     debug: bool = _field(False, "show Python tracebacks instead of one-message errors")
     tensorboard: bool = _field(False, "also write TensorBoard scalars (needs `pip install tensorboard`)")
     plots: bool = _field(True, "loss/mIoU curves and the pseudo-label grid as PNGs")
     progress: bool = _field(True, "tqdm bars")
-    demo: bool = _field(False, "run the offline ToyCity ablation instead (run_demo; rewrites its runs)")
-    demo_out: str = _field("runs/demo", "demo output folder")
     # speed (ours)
     tf32: bool = _field(True, "TF32 matmuls/convs on CUDA; on: the official torch 1.9 default (§9.13)")
     profile: bool = _field(False, "CUDA-synchronized time_teacher/refine/student (extra syncs); off: host times")

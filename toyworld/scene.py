@@ -3,7 +3,7 @@ where its things stand, drawn back to front on toyparts.py's canvas. It imports 
 """
 import numpy as np
 
-from toyparts import (BICYCLE, BIRD, BUILDING, BUS, CAR, CROSSWALK, CURB, EGO, FENCE, LANE, LIGHT, MANHOLE, MOTORCYCLE,
+from toyworld.parts import (BICYCLE, BIRD, BUILDING, BUS, CAR, CROSSWALK, CURB, EGO, FENCE, LANE, LIGHT, MANHOLE, MOTORCYCLE,
                       PERSON, RAIL, ROAD, SIDEWALK, SIGN, TERRAIN, TRAIN, TRUCK, VEGETATION, WALL, _CAR_COLORS,
                       _person, _pole, _rider_back, _static, _tree, _two_wheeler, _vehicle_back, _vehicle_side, _jit)
 

@@ -1,17 +1,15 @@
 """ToyCity's parts: the classes, their canonical colours, the camera canvas, and the things on a street.
 
-toycity.py draws a scene once as a map of "segments" (one id per coloured part: a car body, a window, a lane dash) on a
+city.py draws a scene once as a map of "segments" (one id per coloured part: a car body, a window, a lane dash) on a
 `_Canvas`, a pinhole camera over a flat road; this file holds the canvas and the sprites drawn on it (vehicles, people,
-two-wheelers, poles with lights and signs, trees, street furniture). toyscene.py lays them out along a street,
-toypaint.py turns the segment map into an image. It imports no project file.
+two-wheelers, poles with lights and signs, trees, street furniture). scene.py lays them out along a street, paint.py
+turns the segment map into an image. It imports no project file.
 """
 import numpy as np
 from PIL import Image, ImageDraw
 
-# ---- classes and colours ----
+# ---- classes (the 19 train ids of data.CLASSES, in order; then internal extras) and colours ----
 
-CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
-           "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")
 (ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, LIGHT, SIGN, VEGETATION, TERRAIN, SKY, PERSON, RIDER, CAR, TRUCK, BUS,
  TRAIN, MOTORCYCLE, BICYCLE) = range(19)
 # Internal extras: drawn like classes, written with the raw id each dataset gives them (some map to ignore).

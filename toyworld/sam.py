@@ -6,7 +6,7 @@ run unchanged without SAM weights: `set_image(image uint8 (H,W,3))` once, then
 `refine.build_predictor("toy")` imports it lazily. Part of the offline world next to toycity.py; it imports only ops (connected components, union-find).
 
 Usage:
-    from toysam import ToyPointPredictor
+    from toyworld.sam import ToyPointPredictor
     predictor = ToyPointPredictor(); predictor.set_image(image); masks, scores = predictor.predict_points(points)
 """
 import numpy as np

@@ -782,6 +782,33 @@ def missed_evaluation(cfg, metrics_path, start, max_iter) -> bool:
     return not any(r.get("iter") == start and "eval" in r for r in read_metrics(metrics_path, lambda *a, **k: None))
 
 
+
+def exit_on_error(prog: str, cfg, job):
+    """Run job() -> its result; a run that stops exits with train.py's codes (its main's docstring) and one message:
+    2 for Problems (cannot start), the signal's code for Interrupted, 1 for TrainError and OSError. cfg.debug
+    re-raises instead (the traceback)."""
+    try:
+        return job()
+    except (Problems, TrainError, Interrupted) as e:
+        if cfg.debug:
+            raise
+        code = 2 if isinstance(e, Problems) else e.code if isinstance(e, Interrupted) else 1
+        # one message per job: another rank's problems print on that rank only; a TrainError (every rank raises the
+        # same one) in full on rank 0, as one line on the others; each rank says how it stopped
+        rank = os.environ.get("RANK", "0")
+        if isinstance(e, TrainError) and rank != "0":
+            print(f"{prog}: rank {rank}: {first_line(e)}", file=sys.stderr, flush=True)
+        elif not getattr(e, "quiet", False):
+            print(e if isinstance(e, Problems) else f"{prog}: {e}" + (f" (exit {code})" if code != 1 else ""),
+                  file=sys.stderr, flush=True)
+        raise SystemExit(code) from None
+    except OSError as e:  # e.g. a full disk under log.txt, metrics.jsonl or a plot: one line, exit 1
+        if cfg.debug:
+            raise
+        print(f"{prog}: {os_error_message(e, cfg.out)}. Then rerun the same command (with --resume once the run has "
+              f"started)", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
 def any_rank(env, flag: bool) -> bool:
     """Whether `flag` is True on any rank (a MAX all-reduce over the control group; every rank must call it)."""
     if env.world == 1:

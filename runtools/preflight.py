@@ -22,7 +22,7 @@ import clouds
 import data
 import ops
 import refine
-import runs
+from runtools import runs
 
 RUN_FILES = ("config.json", "last.pt", "metrics.jsonl")
 # Fields that change the optimization: --resume refuses a change of any of them without --allow-config-change. Paths

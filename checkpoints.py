@@ -15,7 +15,6 @@ import errno
 import os
 import pickle
 import shutil
-import tempfile
 import warnings
 import zipfile
 from dataclasses import asdict, fields
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 import clouds
+from runtools import files
 
 # ---- reading files ----
 
@@ -192,17 +192,6 @@ class WriteError(OSError):
     and the free space. Whatever was at the path before is untouched (the write goes to a temp file first)."""
 
 
-def file_mode() -> int:
-    """The mode a new file gets from open(): 0666 minus the process umask (mkstemp's temp files are 0600)."""
-    try:  # Linux: read it without changing it (other threads may be creating files)
-        with open("/proc/self/status") as f:
-            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError):
-        mask = os.umask(0o022)
-        os.umask(mask)
-    return 0o666 & ~mask
-
-
 def _tensor_bytes(obj) -> int:
     """Bytes of the tensors in a nested dict/list (what torch.save has to write, give or take the pickle)."""
     if torch.is_tensor(obj):
@@ -248,22 +237,10 @@ def save_checkpoint(path, model, **extra):
     state = {f"sem_seg_head.{k}": v for k, v in model.sem_seg_head.state_dict().items()}
     state.update(backbone_state(model))
     obj = {"version": 1, "config": asdict(model.cfg), "model": state, **extra}
-    path, tmp = Path(path), None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:  # our file object: closed on an error too (torch's own writer keeps a
-            os.fchmod(fd, file_mode())   # failed file open while the exception lives, so its space is not freed)
-            torch.save(obj, f)
-        os.replace(tmp, path)
+        files.atomic_write(path, lambda f: torch.save(obj, f))
     except (OSError, RuntimeError) as e:  # torch.save: RuntimeError "unexpected pos ..." on a full disk
-        partial = os.path.getsize(tmp) if tmp is not None and os.path.exists(tmp) else 0
-        # the temp file is removed below; torch may hold it open until the exception goes, so its bytes are added
-        # to the free space reported (what a retry would have)
-        raise write_error(path, e, _tensor_bytes(obj), freed=partial) from e
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
+        raise write_error(path, e, _tensor_bytes(obj)) from e
 
 
 def load_checkpoint(path, map_location="cpu", **overrides):

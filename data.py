@@ -23,6 +23,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from runtools import files
+
 # ---- classes ----
 
 CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
@@ -592,20 +594,9 @@ def _read_raw_label(dataset: str, path: Path) -> np.ndarray:
         raise RuntimeError(f"could not read raw label {path}: {e}. The file is corrupt or truncated.") from e
 
 
-def save_png(array: np.ndarray, path) -> None:
-    """Write a uint8 (H, W) or (H, W, 3) array as PNG atomically (temp file in the same folder, then os.replace)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _convert_one(job) -> str:
     dataset, src, dst = job
-    save_png(lookup_table(dataset)[_read_raw_label(dataset, Path(src))], dst)
+    files.save_png(lookup_table(dataset)[_read_raw_label(dataset, Path(src))], dst)
     return dst
 
 

@@ -13,11 +13,9 @@ Usage:
     python evaluate.py --weights W --images my_photos/ --save-pred out/          # your own images, no GT
 """
 import argparse
-import json
 import math
-import os
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
+from runtools import cli, files
 
 # ---- config ----
 
@@ -41,7 +40,7 @@ class EvalConfig:
         "help": "datasets root (holding cityscapes/, bdd10k/, mapillary_vistas/, acdc/, ...)"})
     # §1.4: the GTA/SYNTHIA test sets (Cityscapes: acdc_* too)
     datasets: tuple = field(default=("cityscapes", "bdd", "mapillary"), metadata={
-        "alias": "--dataset", "help": "test datasets, one or more of: " + ", ".join(TEST_DATASETS)})
+        "alias": "--dataset", "nargs": "+", "metavar": "NAME", "help": "test datasets, one or more of: " + ", ".join(TEST_DATASETS)})
     weights: str = field(default="", metadata={  # our checkpoint (checkpoints.save_checkpoint), or official (--official)
         "help": "checkpoint to evaluate: ours (train.py model_final.pt) or an official one with --official"})
     official: bool = field(default=False, metadata={  # load an official detectron2 checkpoint: checkpoints.load_official
@@ -123,16 +122,7 @@ def parse_args(argv=None) -> EvalConfig:
     `--datasets`); booleans are `--flag/--no-flag`."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(EvalConfig):
-        extra = dict(f.metadata)
-        flags = [f"--{f.name.replace('_', '-')}"] + ([extra.pop("alias")] if "alias" in extra else [])
-        help_ = extra.pop("help")  # KeyError: a new field needs its --help text
-        if f.type is bool or isinstance(f.default, bool):
-            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
-        elif isinstance(f.default, tuple):  # names checked in EvalConfig (one message with the valid ones)
-            parser.add_argument(*flags, nargs="+", default=f.default, help=help_, metavar="NAME")
-        else:
-            parser.add_argument(*flags, type=type(f.default), default=f.default, help=help_)
+    cli.add_dataclass_flags(parser, EvalConfig)
     return EvalConfig(**vars(parser.parse_args(argv)))
 
 
@@ -239,16 +229,6 @@ def to_json(results: dict) -> dict:
     return out
 
 
-def write_json(obj, path) -> None:
-    """Atomic JSON write (temp file in the same folder, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, allow_nan=False))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ---- model evaluation (§8.1) ----
@@ -607,7 +587,7 @@ def _run(argv) -> dict:
     if rank == 0:
         print(format_table(results))
         if cfg.out:
-            write_json(to_json(results), cfg.out)
+            files.write_json(to_json(results), cfg.out, allow_nan=False)
     return results
 
 

@@ -32,13 +32,14 @@ import os
 import re
 import string
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, get_type_hints
+from typing import Optional
 
 import numpy as np
 import torch
+
+from runtools import cli, files
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_PROMPTS = HERE / "prompts" / "clouds_prompts.txt"
@@ -128,15 +129,7 @@ def parse_args(argv=None) -> GenerateConfig:
     each field's metadata); booleans are `--flag/--no-flag`."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    hints = get_type_hints(GenerateConfig)
-    for f in dataclasses.fields(GenerateConfig):
-        flag, kind, extra = "--" + f.name.replace("_", "-"), hints[f.name], dict(f.metadata)
-        help_ = extra.pop("help")  # KeyError: a new field needs its --help text
-        if kind is bool or kind == Optional[bool]:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_, **extra)
-        else:
-            base = {Optional[int]: int, Optional[str]: str}.get(kind, kind)
-            parser.add_argument(flag, type=base, default=f.default, help=help_, **extra)
+    cli.add_dataclass_flags(parser, GenerateConfig)
     return GenerateConfig(**vars(parser.parse_args(argv)))
 
 
@@ -291,33 +284,12 @@ def render_batch(cfg: GenerateConfig, pipe, prompts: list, seeds: list) -> list:
 
 # ---- files and manifest ----
 
-def _umask() -> int:
-    mask = os.umask(0o022)  # the only portable way to read it: set and restore
-    os.umask(mask)
-    return mask
-
-
-def _atomic(path: Path, write):
-    """Call write(file) on a temp file beside `path`, then move it into place; no temp file survives a failure. The
-    file gets the mode open() would give it (0666 minus the umask), not mkstemp's private 0600."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _write_text(path: Path, text: str):
-    _atomic(path, lambda f: f.write(text.encode("utf-8")))
+    files.write_text(text, path)
 
 
 def _write_png(path: Path, image: np.ndarray):
-    from PIL import Image
-    _atomic(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
+    files.save_png(image, path)
 
 
 def image_name(j: int, n_prompts: int) -> str:

@@ -21,7 +21,7 @@ import re
 import subprocess
 import time
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -674,15 +674,10 @@ def ms_deform_attn_ref(value, shapes, locations, weights):
 
 def main(argv=None):
     """Build the extension and compare each op with its reference on a random map; returns {op: bool}."""
+    from runtools import cli  # the CLI only: the ops need no project file
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(OpsConfig):  # help from the field metadata; bools as --flag/--no-flag, as in every script
-        extra = dict(f.metadata)
-        if isinstance(f.default, bool):
-            parser.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
-                                default=f.default, **extra)
-        else:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default, **extra)
+    cli.add_dataclass_flags(parser, OpsConfig)  # help from the field metadata; bools as --flag/--no-flag
     cfg = OpsConfig(**vars(parser.parse_args(argv)))
     load_extension(with_cuda=cfg.cuda or None)
     g = torch.Generator().manual_seed(0)

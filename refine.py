@@ -17,9 +17,7 @@ stand-in for ToyCity.
 import argparse
 import dataclasses
 import json
-import os
 import sys
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,13 +29,7 @@ import torch.nn.functional as F
 import ops
 
 IGNORE_INDEX = 255
-# Cityscapes colours of the 19 train ids (defined here because refine.py imports only ops).
-PALETTE = np.array([[128, 64, 128], [244, 35, 232], [70, 70, 70], [102, 102, 156], [190, 153, 153], [153, 153, 153],
-                    [250, 170, 30], [220, 220, 0], [107, 142, 35], [152, 251, 152], [70, 130, 180], [220, 20, 60],
-                    [255, 0, 0], [0, 0, 142], [0, 0, 70], [0, 60, 100], [0, 80, 100], [0, 0, 230], [119, 11, 32]],
-                   dtype=np.uint8)
-CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
-           "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")
+NUM_CLASSES = 19  # train ids 0..18 (their names and colours: data.CLASSES, data.PALETTE)
 PANEL_TITLE_ROWS = 16  # rows of the title band above the images of a `panel` (and of each legend row below)
 SAM_CHECKPOINTS = {  # official SAM / MobileSAM release files (reference §5.1 uses vit_t and vit_h from ./weights/)
     "vit_h": "sam_vit_h_4b8939.pth from https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
@@ -349,42 +341,14 @@ def label_map(classes, masks, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
 
 # ---- CLI ----
 
-def colorize(label: np.ndarray) -> np.ndarray:
-    """Train ids (H, W) -> Cityscapes colours uint8 (H, W, 3); ignore and unknown ids are black."""
-    out = np.zeros((*label.shape, 3), dtype=np.uint8)
-    valid = label < len(PALETTE)
-    out[valid] = PALETTE[label[valid]]
-    return out
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # the only portable way to read it: set and restore
-    os.umask(mask)
-    return mask
-
-
-def _atomic(path: Path, write):
-    """Call write(file) on a temp file beside `path`, then move it into place; no temp file survives a failure. The
-    file gets the mode open() would give it (0666 minus the umask), not mkstemp's private 0600."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _save_png(path: Path, array: np.ndarray):
-    from PIL import Image
-    _atomic(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
+    from runtools import files  # the CLI only (atomic writes)
+    files.save_png(array, path)
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 VALID_IDS = np.zeros(256, bool)
-VALID_IDS[:len(PALETTE)] = VALID_IDS[IGNORE_INDEX] = True  # train ids {0..18} and ignore
+VALID_IDS[:NUM_CLASSES] = VALID_IDS[IGNORE_INDEX] = True  # train ids {0..18} and ignore
 
 
 def _find_label(labels_dir: Path, stem: str):
@@ -449,24 +413,27 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def panel(images, titles, label_maps, class_names=None) -> np.ndarray:
-    """Side-by-side RGB images with a title above each and a class-colour legend below.
+def panel(images, titles, label_maps, class_names, palette) -> np.ndarray:
+    """Side-by-side RGB images with a title above each and a class-colour legend below (the one pseudo-label panel:
+    refine.py's `_vis.png` and training's pseudo_labels.png).
 
     Args:
-        images: list of uint8 (H, W, 3) arrays of one height. titles: one string per image.
+        images: list of uint8 (H, W, 3) arrays of one height, or a list of such rows (one grid; equal row widths).
+        titles: one string per image (of the first row).
         label_maps: the train-id maps (H, W) whose classes the legend lists (ascending).
-        class_names: 19 names (default CLASSES).
+        class_names, palette: the names and uint8 (N, 3) colours of the train ids (data.CLASSES, data.PALETTE).
     Returns:
         uint8 (T + H + L, sum of widths, 3): a title band of T rows, the images (rows T..T+H), a legend of L rows;
         the legend ends with black = "dropped / ignored (255)".
     """
     from PIL import Image, ImageDraw
-    names = class_names or CLASSES
-    strip = np.concatenate(images, axis=1)
+    rows_of_images = images if isinstance(images[0], (list, tuple)) else [images]
+    strip = np.concatenate([np.concatenate(row, axis=1) for row in rows_of_images], axis=0)
+    images = rows_of_images[0]
     h, width = strip.shape[:2]
     font, line = _font(12), PANEL_TITLE_ROWS
     classes = sorted(set(np.unique(np.concatenate([m.reshape(-1) for m in label_maps])).tolist()) - {IGNORE_INDEX})
-    entries = [(tuple(PALETTE[c].tolist()), names[c]) for c in classes if c < len(PALETTE)]
+    entries = [(tuple(palette[c].tolist()), class_names[c]) for c in classes if c < len(palette)]
     entries.append(((0, 0, 0), "dropped / ignored (255)"))
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     rows, x = [[]], 0
@@ -495,7 +462,8 @@ def panel(images, titles, label_maps, class_names=None) -> np.ndarray:
 
 def parse_args(argv=None):
     """argparse for refine.py -> (args, RefineConfig): the run's own flags, then one flag per RefineConfig field (help
-    text and choices from the field's metadata); booleans are `--flag/--no-flag`."""
+    text and choices from the field's metadata: runtools/cli.py); booleans are `--flag/--no-flag`."""
+    from runtools import cli  # the CLI only: refine's functions need nothing but ops.py
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--images", required=True, help="folder of RGB images (png/jpg), e.g. generate.py's "
@@ -517,13 +485,7 @@ def parse_args(argv=None):
                         "with other settings (otherwise refused); without it a rerun with the same settings resumes")
     parser.add_argument("--progress", action=flag, default=True, help="progress bar")
     parser.add_argument("--debug", action=flag, default=False, help="show the Python traceback of an error")
-    for f in dataclasses.fields(RefineConfig):
-        name, extra = "--" + f.name.replace("_", "-"), dict(f.metadata)
-        help_ = extra.pop("help")  # KeyError: a new field needs its --help text
-        if f.type in (bool, "bool"):
-            parser.add_argument(name, action=flag, default=f.default, help=help_, **extra)
-        else:
-            parser.add_argument(name, type=type(f.default), default=f.default, help=help_, **extra)
+    cli.add_dataclass_flags(parser, RefineConfig)
     args = parser.parse_args(argv)
     cfg = RefineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RefineConfig)})
     return args, cfg
@@ -599,6 +561,9 @@ def _folder_problems(out: Path, config: dict, overwrite: bool) -> list:
 def _run(argv):
     from tqdm import tqdm
 
+    import data  # the CLI only: the class names and colours of the panels
+    from runtools import files
+
     args, cfg = parse_args(argv)
     pairs, problems = preflight(args, cfg)
     if problems:
@@ -610,7 +575,7 @@ def _run(argv):
     if saved.is_file() and json.loads(saved.read_text(encoding="utf-8")) != config:  # --overwrite (preflight)
         for path in _outputs(out):
             path.unlink()
-    _atomic(saved, lambda f: f.write(json.dumps(config, indent=2).encode("utf-8")))  # before any output
+    files.write_json(config, saved)  # before any output
     predictor = None
     summary = {"refined": 0, "skipped": 0, "fallback": 0, "coverage": [], "out": str(out)}
     for image_path, label_path in tqdm(pairs, desc="refine", disable=not args.progress):
@@ -626,7 +591,8 @@ def _run(argv):
         refined = label_map(classes, masks).numpy().astype(np.uint8)
         summary["fallback"] += int(not was_refined)
         summary["coverage"].append(float((refined != IGNORE_INDEX).mean()))
-        vis = panel([image, colorize(label), colorize(refined)], ["image", "teacher", "refined"], [label, refined])
+        vis = panel([image, data.colorize(label), data.colorize(refined)], ["image", "teacher", "refined"],
+                    [label, refined], data.CLASSES, data.PALETTE)
         _save_png(out / f"{stem}_vis.png", vis)
         _save_png(out / f"{stem}.png", refined)  # written last: its presence marks the image as done
         summary["refined"] += 1

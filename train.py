@@ -13,11 +13,8 @@ Usage:
     torchrun --nproc_per_node 2 train.py --source gta ...     # DDP; --batch-size is the total over the ranks
     python train.py --source gta --synthetic DIR --backbone dinov2_l --tuning rein   # beyond the paper (backbones.py)
 """
-import argparse
 import copy
-import os
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +34,7 @@ import evaluate
 import ops
 from runtools import preflight
 import refine
-from runtools import runs
+from runtools import files, runs
 from runtools.runs import Interrupted, Problems, TrainError
 from runtools.train_config import SOURCES, TrainConfig, parse_args
 
@@ -262,32 +259,79 @@ class RunState:
 # ---- one training iteration ----
 
 
-def pseudo_targets(model, teacher, samples, predictor, refine_cfg, device, keep_records=False, profile=False):
-    """Reference §4.4 steps 3-4 for the generated samples: the teacher's semantic argmax on the clean flipped images
-    (shared backbone, no confidence threshold), then SAM refinement, or with --sam none the dense teacher masks (§4.2).
+def train_step(state, batch, it):
+    """One iteration on this rank's share of the global batch (Fig. 2, Sec. 3.3) -> the logged stats.
 
-    Everything stays on `device` (SAM's masks on the predictor's); targets are on `device`. Returns (targets,
-    records, teacher seconds, refinement seconds); records = (image uint8 numpy (h, w, 3), teacher label, refined
-    label int64 (h, w) tensors on the device) when keep_records. The seconds are CUDA-synchronized only when
-    `profile` (otherwise host time: kernels still queued are not counted).
-    """
-    t0 = _sync(device, profile)
-    images = pad_batch([s["image"].to(device, non_blocking=True) for s in samples], 0)  # (G, 3, H, W) on the device
+    Warmup (state.teacher is None) runs steps 2, 4 and 5 on source crops only. Joint training, in the official order:
+      1. EMA teacher (Sec. 3.3): at it == 0 the teacher copies the student (the warmup weights); every `ema_every`
+         iterations it takes one step theta_t <- alpha theta_t + (1 - alpha) theta_s (alpha 0.999), from the student
+         as the previous optimizer step left it.
+      2. Student input: each batch slot is a source crop (rescaled, cropped, jittered, flipped) or, with probability
+         p_gen, a generated image (flipped, then jittered for the student only).
+      3. Pseudo labels for the generated slots (pseudo_targets): the teacher's semantic argmax on the clean flipped
+         image (shared backbone, no confidence threshold), refined by point-prompted SAM (refine.py: per-class
+         4-connected components above --sam-min-area, 5 random points each, the best of SAM's 3 masks, pixels claimed
+         by two masks dropped); with --sam none, the teacher's dense masks.
+      4. One Mask2Former set criterion over the mixed batch: source ground truth and pseudo labels alike (criterion.py:
+         Hungarian matching, class cross-entropy, mask BCE and dice on sampled points, deep supervision).
+      5. Backward, clip the gradient norm of every trainable parameter together (official: L2, 0.01), AdamW step, LR
+         schedule step.
+    A non-finite output, loss or gradient norm raises TrainError before the optimizer step (runs.check_outputs,
+    runs.checked_values), so the weights and last.pt stay at the last good state."""
+    model, device, cfg = state.model, state.device, state.cfg
+    clock = runs.StepClock(device, cfg.profile)  # per-stage seconds for the log (CUDA-synchronized with --profile)
+    if state.teacher is not None:  # 1.
+        teacher_step(state.teacher, model.sem_seg_head if state.ema_source is None else state.ema_source, it,
+                     cfg.ema_alpha, cfg.ema_every)
+    # 2. pinned samples on CUDA: asynchronous copies, padded on the device
+    images = pad_batch([(s["image_aug"] if s["generated"] else s["image"]).to(device, non_blocking=True)
+                        for s in batch], 0)
+    gen = [s for s in batch if s["generated"]]
+    teacher_labels, pseudo = pseudo_targets(model, state.teacher, gen, state.predictor, state.refine_cfg, device,
+                                            clock) if gen else ([], [])  # 3.
+    runs.keep_records(state, gen, teacher_labels, pseudo)  # the 4 latest, for pseudo_labels.png
+    targets = mixed_targets(batch, iter(pseudo), tuple(images.shape[-2:]), device)  # 4.
+    outputs = state.student(images)
+    runs.check_outputs(state, outputs, it)  # before the matcher: scipy's Hungarian solver dies on NaN costs
+    losses = model.criterion(outputs, targets, generator=state.generator)
+    loss = sum(losses.values())
+    state.optimizer.zero_grad(set_to_none=True)  # 5.
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.params, cfg.clip_grad)
+    values = runs.checked_values(state, it, loss, losses, grad_norm)  # one host transfer; raises when non-finite
+    state.optimizer.step()
+    state.scheduler.step()
+    return {**values, "n_gen": len(gen), **clock.stop()}
+
+
+def pseudo_targets(model, teacher, samples, predictor, refine_cfg, device, clock=None) -> tuple:
+    """Step 3 of train_step for the generated samples -> (teacher labels int64 (h, w), targets {"labels", "masks"}),
+    all on `device` (SAM's masks on the predictor's). The refinement points come from a CPU generator seeded per
+    sample, so a sample's pseudo label does not depend on the rank that draws it."""
+    images = pad_batch([s["image"].to(device, non_blocking=True) for s in samples], 0)  # (G, 3, H, W)
     labels = model.predict(images, **teacher_inputs(teacher))  # (G, H, W) int64, stays on the device
-    t1 = _sync(device, profile)
     crops = [(image[:, :h, :w], label[:h, :w]) for s, image, label in zip(samples, images, labels)
-             for h, w in [s["image"].shape[-2:]]]  # (3, h, w) uint8 clean flipped image, (h, w) on the device
-    if predictor is None:  # §4.2: the dense teacher masks (one host transfer for all of them)
+             for h, w in [s["image"].shape[-2:]]]  # the clean flipped image (3, h, w) uint8 and its label (h, w)
+    clock and clock.lap("time_teacher")
+    if predictor is None:  # --sam none: the dense teacher masks (one host transfer for all of them)
         targets = criterion.targets_from_labels([label for _, label in crops])
-    else:  # Sec. 3.3: SAM refinement; the points come from a CPU generator seeded per sample (rank-independent)
+    else:
         targets = [refine.pseudo_label_target(image, label, predictor, refine_cfg,
-                                              torch.Generator().manual_seed(s["refine_seed"]))  # on the device
+                                              torch.Generator().manual_seed(s["refine_seed"]))
                    for s, (image, label) in zip(samples, crops)]
-    records = []
-    if keep_records:  # device tensors; plot_pseudo_labels copies them to the host when it draws (at a save)
-        records = [(s["image"].permute(1, 2, 0).numpy(), label, refine.label_map(t["labels"], t["masks"]))
-                   for s, (_, label), t in zip(samples, crops, targets)]
-    return targets, records, t1 - t0, _sync(device, profile) - t1
+    clock and clock.lap("time_refine")
+    return [label for _, label in crops], targets
+
+
+def mixed_targets(batch, pseudo, size, device) -> list:
+    """Step 4's targets in batch order: the next pseudo label for a generated slot, the ground truth's masks for a
+    source slot, all padded to the batch's (H, W). Source padding is label 255: negatives for every mask, like the
+    official black padding (docs/official_code.md); the class lists of all source labels reach the host in one
+    transfer (criterion.targets_from_labels)."""
+    labels = [pad_batch([s["label"].to(device, non_blocking=True)], data.IGNORE_INDEX, size)[0]
+              for s in batch if not s["generated"]]
+    source = iter(criterion.targets_from_labels(labels))
+    return [_pad_target(next(pseudo), size) if s["generated"] else next(source) for s in batch]
 
 
 def _pad_target(t, size):
@@ -298,74 +342,6 @@ def _pad_target(t, size):
     valid = t.get("valid", torch.ones(t["masks"].shape[-2:], dtype=torch.bool, device=t["masks"].device))
     return {"labels": t["labels"], "masks": pad_batch([t["masks"]], False, size)[0],
             "valid": pad_batch([valid], False, size)[0]}
-
-
-def _sync(device, profile=True):
-    """time.perf_counter(), after waiting for the device's queued kernels when `profile` (--profile): accurate
-    per-stage times at the cost of a synchronization; without it the loop never waits for the GPU to time itself."""
-    if profile and device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def train_step(state, batch, it):
-    """One iteration on this rank's share of the global batch -> stats. A non-finite loss or gradient norm raises
-    BEFORE the optimizer step, so the weights and last.pt stay at the last good state."""
-    model, device, cfg = state.model, state.device, state.cfg
-    t0, cpu0 = _sync(device, cfg.profile), time.process_time()
-    # §4.4 step 2: the student sees image_aug (flip + jitter) for generated samples, the augmented crop for source ones
-    # (pinned samples on CUDA: asynchronous copies, padded on the device)
-    images = pad_batch([(s["image_aug"] if s["generated"] else s["image"]).to(device, non_blocking=True)
-                        for s in batch], 0)
-    size = tuple(images.shape[-2:])
-    gen = [s for s in batch if s["generated"]]
-    t_teacher = t_refine = 0.0
-    pseudo = iter(())
-    if gen:  # §4.4 steps 3-5: the generated samples' targets are replaced by their pseudo labels
-        keep = state.rank == 0 and cfg.plots
-        targets_gen, records, t_teacher, t_refine = pseudo_targets(model, state.teacher, gen, state.predictor,
-                                                                   state.refine_cfg, device, keep, cfg.profile)
-        pseudo = iter(targets_gen)
-        state.records = (records + (state.records or []))[:4]  # the 4 latest, for the pseudo-label PNG
-    t1 = _sync(device, cfg.profile)
-    # source padding is label 255: negatives for every mask, like the official black padding (§9.16); the class lists
-    # of all source labels reach the host in one transfer (criterion.targets_from_labels)
-    labels = [pad_batch([s["label"].to(device, non_blocking=True)], data.IGNORE_INDEX, size)[0]
-              for s in batch if not s["generated"]]
-    source = iter(criterion.targets_from_labels(labels))
-    targets = [_pad_target(next(pseudo), size) if s["generated"] else next(source) for s in batch]
-    outputs = state.student(images)
-    runs.check_outputs(state, outputs, it)  # before the matcher: scipy's Hungarian solver dies on NaN costs
-    losses = model.criterion(outputs, targets, generator=state.generator)  # §4.3: one call over the mixed batch
-    loss = sum(losses.values())
-    state.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(state.params, cfg.clip_grad)  # official: full model, L2 0.01
-    # ONE host transfer per iteration for the checks and the logged numbers: the loss, its final-layer terms, the
-    # gradient norm and whether the loss and the norm are finite on every rank (MIN: all ranks stop together, or
-    # the others would hang in the next all-reduce). A non-finite value raises BEFORE the optimizer step.
-    terms = ("loss_ce", "loss_mask", "loss_dice")
-    values = torch.stack([loss.detach(), *(losses[k].detach() for k in terms), grad_norm.detach()]).float()
-    finite = torch.isfinite(values[0::4]).float()  # (loss, gradient norm); a slice: no host index tensor
-    if state.world > 1:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    host = torch.cat([values, finite]).cpu().tolist()
-    value, (loss_ok, grad_ok) = dict(zip(("loss", *terms, "grad_norm"), host[:5])), host[5:]
-    if loss_ok < 1:
-        raise TrainError(f"non-finite loss at {state.phase} iteration {it}: total {value['loss']}, final-layer terms "
-                         f"{ {k: value[k] for k in terms} }. Stopped before the optimizer step; the last good "
-                         f"checkpoint ({runs.last_good(state)}) is kept. Lower --lr or check the inputs, then rerun "
-                         f"with --resume.")
-    if grad_ok < 1:
-        raise TrainError(f"non-finite gradient norm at {state.phase} iteration {it} (loss {value['loss']:.4f}). "
-                         f"Stopped before the optimizer step; the last good checkpoint ({runs.last_good(state)}) is "
-                         f"kept. Lower --lr, then rerun with --resume.")
-    state.optimizer.step()
-    state.scheduler.step()
-    t2 = _sync(device, cfg.profile)
-    return {**value, "n_gen": len(gen), "time_teacher": t_teacher, "time_refine": t_refine,
-            "time_student": t2 - t1, "time_iter": t2 - t0, "cpu_iter": time.process_time() - cpu0}
-
 
 
 def _seed(*keys) -> int:
@@ -486,8 +462,8 @@ def run_phase(cfg, phase, model, env, inputs, out_dir) -> dict:
 
 
 def phase_loop(state, loader, env, inputs, log, say, start, max_iter, paths) -> dict:
-    """Iterations start .. max_iter - 1: EMA teacher step, train_step, then the periodic log, evaluation and
-    checkpoints (runs.after_iteration). Returns the last evaluation's results ({} without one)."""
+    """Iterations start .. max_iter - 1: train_step, then the periodic log, evaluation and checkpoints
+    (runs.after_iteration). Returns the last evaluation's results ({} without one)."""
     cfg, phase, joint, main_rank = state.cfg, state.phase, state.phase == "joint", env.rank == 0
     stop = inputs.get("stop") or runs.StopFlag()
     batches = iter(loader)
@@ -500,9 +476,6 @@ def phase_loop(state, loader, env, inputs, log, say, start, max_iter, paths) -> 
                                            save=False) or results
         for it in bar:
             state.generator.manual_seed(_seed(cfg.seed, int(joint), env.rank, it))  # criterion points: f(iteration)
-            if joint:  # official: EMA step at the start of the forward, from the student after the previous step
-                source = state.model.sem_seg_head if state.ema_source is None else state.ema_source
-                teacher_step(state.teacher, source, it, cfg.ema_alpha, cfg.ema_every)
             t0 = time.perf_counter()
             batch = next(batches)
             # the LR of this iteration, logged with it (detectron2: before the step)
@@ -610,7 +583,7 @@ def _train(cfg, notes, env, stop, lock) -> dict:
         runs.load_weights(model, cfg.weights)
     model.to(env.device)
     if main_rank:
-        runs.write_json(info["config"], out / "config.json")
+        files.write_json(info["config"], out / "config.json")
     phases = ("warmup", "joint") if cfg.phase == "all" else (cfg.phase,)
     results = {}
     try:

@@ -64,11 +64,11 @@ def write_data(root: Path, tiny: bool, num_gta: int = 4, num_generated: int = 4)
         label_path.write_bytes(city._encode(raw, palette=city._GTA_PALETTE))  # P mode, like GTA5's labels
         Image.fromarray(image).save(image_path)
     data.convert("gta", str(root / "datasets"), nproc=1, progress=False)
-    city = root / "datasets" / "cityscapes"
+    cs = root / "datasets" / "cityscapes"
     for i in range(EVAL_IMAGES):  # the evaluation set: Cityscapes layout, train ids written directly
         stem = f"toycity_000000_{i:06d}"
-        image_path = city / "leftImg8bit" / "val" / "toycity" / f"{stem}_leftImg8bit.png"
-        label_path = city / "gtFine" / "val" / "toycity" / f"{stem}_gtFine_labelTrainIds.png"
+        image_path = cs / "leftImg8bit" / "val" / "toycity" / f"{stem}_leftImg8bit.png"
+        label_path = cs / "gtFine" / "val" / "toycity" / f"{stem}_gtFine_labelTrainIds.png"
         if image_path.is_file() and label_path.is_file():
             continue
         image, label = city.render_scene("cityscapes", seed=100 + i, size=size["city"])

@@ -106,8 +106,8 @@ CLOUDS_INLINE void semantic_row(const RowArgs& a) {
     const V* r0 = reinterpret_cast<const V*>(a.h0 + x0 * a.Q);
     const V* r1 = reinterpret_cast<const V*>(a.h1 + x0 * a.Q);
     for (int64_t q = 0; q < a.Q; ++q) {
-      const V v = r0[q] * a.wy0 + r1[q] * a.wy1;                       // Sec. 3.4: bilinear (along y)
-      sig[q] = 1.f / (1.f + vexp<V, VI>(-v));                           // Sec. 3.4: mask_prob = sigmoid
+      const V v = r0[q] * a.wy0 + r1[q] * a.wy1;                       // §3.4: bilinear (along y)
+      sig[q] = 1.f / (1.f + vexp<V, VI>(-v));                           // §3.4: mask_prob = sigmoid
     }
     const int64_t n = std::min(L, a.W - x0);
     V best{};
@@ -116,7 +116,7 @@ CLOUDS_INLINE void semantic_row(const RowArgs& a) {
       V acc[CB];
 #pragma GCC unroll 32
       for (int c = 0; c < CB; ++c) acc[c] = V{};
-      for (int64_t q = 0; q < a.Q; ++q) {                               // Sec. 3.4: sum_q p[q, c] * mask_prob[q]
+      for (int64_t q = 0; q < a.Q; ++q) {                               // §3.4: sum_q p[q, c] * mask_prob[q]
         const V s = sig[q];
         const float* p = a.prob + q * a.Cp + cb;
 #pragma GCC unroll 32
@@ -172,7 +172,7 @@ CLOUDS_INLINE void interp_row(const InterpArgs& a) {
         for (int64_t q = q0; q < q1; ++q) {
           V v;
           std::memcpy(&v, a.src + q * a.qstride + base, sizeof(V));
-          const V r = __builtin_shuffle(v, i0) * w0 + __builtin_shuffle(v, i1) * w1;  // Sec. 3.4: bilinear (x)
+          const V r = __builtin_shuffle(v, i0) * w0 + __builtin_shuffle(v, i1) * w1;  // §3.4: bilinear (x)
           std::memcpy(d + q * L, &r, sizeof(V));
         }
         continue;
@@ -180,7 +180,7 @@ CLOUDS_INLINE void interp_row(const InterpArgs& a) {
 #endif
       for (int64_t q = q0; q < q1; ++q) {
         const float* s = a.src + q * a.qstride;
-        for (int64_t i = 0; i < L; ++i)                                 // Sec. 3.4: bilinear (along x)
+        for (int64_t i = 0; i < L; ++i)                                 // §3.4: bilinear (along x)
           d[q * L + i] = s[a.x0[xb + i]] * a.wx0[xb + i] + s[a.x1[xb + i]] * a.wx1[xb + i];
       }
     }

@@ -48,13 +48,13 @@ __global__ void semantic_kernel(const float* __restrict__ prob, const float* __r
     for (int c = 0; c < kClassBlock; ++c) acc[c] = 0.f;
     for (int64_t q = 0; q < Q; ++q) {
       const float* mq = m + q * h * w;
-      const float t0 = mq[y0 * w + x0] * wx0 + mq[y0 * w + x1] * wx1;          // Sec. 3.4: bilinear
+      const float t0 = mq[y0 * w + x0] * wx0 + mq[y0 * w + x1] * wx1;          // §3.4: bilinear
       const float t1 = mq[y1 * w + x0] * wx0 + mq[y1 * w + x1] * wx1;
-      const float s = 1.f / (1.f + expf(-(t0 * wy0 + t1 * wy1)));            // Sec. 3.4: sigmoid
+      const float s = 1.f / (1.f + expf(-(t0 * wy0 + t1 * wy1)));            // §3.4: sigmoid
       const float* pq = p + q * C + c0;
 #pragma unroll
       for (int c = 0; c < kClassBlock; ++c)
-        if (c0 + c < C) acc[c] += __ldg(pq + c) * s;                          // Sec. 3.4: sum_q p[q, c] * mask
+        if (c0 + c < C) acc[c] += __ldg(pq + c) * s;                          // §3.4: sum_q p[q, c] * mask
     }
 #pragma unroll
     for (int c = 0; c < kClassBlock; ++c) {

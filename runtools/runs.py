@@ -4,7 +4,6 @@ itself (Sec. 3.3 of the paper) is in train.py, which imports this file; this fil
 
 Usage: not a script; `import runs` (train.py does). A running phase's state is train.RunState (duck-typed here).
 """
-import argparse
 import errno
 import itertools
 import json
@@ -14,11 +13,9 @@ import pickle
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
-import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -27,9 +24,10 @@ import torch
 import torch.distributed as dist
 
 import checkpoints
-import clouds
 import data
 import evaluate
+import refine
+from runtools import files
 
 # ---- errors: what main prints, and its exit code ----
 
@@ -62,39 +60,6 @@ class Interrupted(Exception):
 
 def first_line(err) -> str:
     return str(err).split("\n")[0]
-
-
-# ---- command line: argparse generated from a config dataclass ----
-
-
-def dataclass_parser(cls, description: str, choices: dict, explicit_only: bool = False) -> argparse.ArgumentParser:
-    """--field-name VALUE per field of the dataclass `cls`, help from the field's metadata["help"], default shown;
-    --flag/--no-flag for booleans (BooleanOptionalAction), nargs="*" for tuples, `choices[name]` where given.
-    explicit_only: every default is SUPPRESS, so parsing returns only the flags given on the command line."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        tp, flag, help_ = hints[f.name], "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
-        default = argparse.SUPPRESS if explicit_only else f.default
-        valid = list(choices[f.name]) if f.name in choices else None
-        if typing.get_origin(tp) is typing.Union:  # Optional[X] -> X
-            tp = next(a for a in typing.get_args(tp) if a is not type(None))
-        if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
-        elif typing.get_origin(tp) is tuple:
-            parser.add_argument(flag, nargs="*", type=typing.get_args(tp)[0], default=default, help=help_,
-                                choices=valid)
-        else:
-            parser.add_argument(flag, type=tp, default=default, help=help_, choices=valid)
-    return parser
-
-
-def as_flag(name, value) -> str:
-    """The command-line spelling of a field value: --train-backbone, --no-plots, --eval-sets a b, --lr 0.0005."""
-    flag = name.replace("_", "-")
-    if isinstance(value, bool):
-        return f"--{flag}" if value else f"--no-{flag}"
-    return f"--{flag} " + (" ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value))
 
 
 # ---- distributed ----
@@ -255,7 +220,7 @@ class OutLock:
         self.out.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + wait
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, checkpoints.file_mode())
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, files.file_mode())
             got = _try_lock(fd, exclusive=True)
             previous = _read_lock(fd)
             if got is None:  # no locks: the pid decides (racy, but the best there is)
@@ -356,25 +321,6 @@ def restore_state(path, state) -> int:
     return int(trainer["iteration"])
 
 
-def atomic(path, write):
-    """Call write(tmp) on a temp file beside `path`, then move it into place (mode 0666 minus the umask, as logs)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, checkpoints.file_mode())
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_json(obj, path):
-    atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
-
-
 # ---- guards: a non-finite step stops before the optimizer step ----
 
 
@@ -395,6 +341,30 @@ def check_outputs(state, outputs, it):
                          f"last good checkpoint is {last_good(state)}. Try a lower --lr (now {cfg.lr})"
                          + (", --no-backbone-bf16" if cfg.backbone_bf16 else "")
                          + ", or check the input images; then rerun with --resume.")
+
+
+def checked_values(state, it, loss, losses, grad_norm) -> dict:
+    """The logged numbers of an iteration in ONE host transfer: the loss, its final-layer terms, the gradient norm,
+    and whether the loss and the norm are finite on every rank (MIN all-reduce: all ranks stop together, or the others
+    would hang in the next all-reduce). Raises TrainError on a non-finite value; train_step calls it BEFORE the
+    optimizer step."""
+    terms = ("loss_ce", "loss_mask", "loss_dice")
+    values = torch.stack([loss.detach(), *(losses[k].detach() for k in terms), grad_norm.detach()]).float()
+    finite = torch.isfinite(values[0::4]).float()  # (loss, gradient norm); a slice: no host index tensor
+    if state.world > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    host = torch.cat([values, finite]).cpu().tolist()
+    value, (loss_ok, grad_ok) = dict(zip(("loss", *terms, "grad_norm"), host[:5])), host[5:]
+    if loss_ok < 1:
+        raise TrainError(f"non-finite loss at {state.phase} iteration {it}: total {value['loss']}, final-layer terms "
+                         f"{ {k: value[k] for k in terms} }. Stopped before the optimizer step; the last good "
+                         f"checkpoint ({last_good(state)}) is kept. Lower --lr or check the inputs, then rerun "
+                         f"with --resume.")
+    if grad_ok < 1:
+        raise TrainError(f"non-finite gradient norm at {state.phase} iteration {it} (loss {value['loss']:.4f}). "
+                         f"Stopped before the optimizer step; the last good checkpoint ({last_good(state)}) is "
+                         f"kept. Lower --lr, then rerun with --resume.")
+    return value
 
 
 def os_error_message(e: OSError, out=None) -> str:
@@ -435,7 +405,7 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if keep_until is not None and self.path.is_file():  # resume: drop what the interrupted run logged later
             lines = [json.dumps(r) for r in read_metrics(self.path, say) if r.get("iter", 0) <= keep_until]
-            atomic(self.path, lambda tmp: Path(tmp).write_text("".join(ln + "\n" for ln in lines)))
+            files.write_text("".join(ln + "\n" for ln in lines), self.path)
         elif keep_until is None:
             self.path.unlink(missing_ok=True)
         if tensorboard:
@@ -585,6 +555,44 @@ def should_stop(stop, env) -> bool:
 # ---- plots ----
 
 
+class StepClock:
+    """Per-stage seconds of one iteration: time_teacher, time_refine (joint), time_student (the rest), time_iter and
+    cpu_iter (process CPU seconds). Host time, after waiting for the device's queued kernels only with --profile
+    (accurate stages at the cost of a synchronization each; without it the loop never waits for the GPU to time
+    itself)."""
+
+    def __init__(self, device, profile: bool):
+        self.device, self.profile = device, profile
+        self.times = {"time_teacher": 0.0, "time_refine": 0.0}
+        self.start = self.last = self._now()
+        self.cpu = time.process_time()
+
+    def _now(self) -> float:
+        if self.profile and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def lap(self, name: str):
+        now = self._now()
+        self.times[name] = self.times.get(name, 0.0) + now - self.last
+        self.last = now
+
+    def stop(self) -> dict:
+        self.lap("time_student")
+        return {**self.times, "time_iter": self.last - self.start, "cpu_iter": time.process_time() - self.cpu}
+
+
+def keep_records(state, samples, teacher_labels, targets):
+    """Keep the 4 latest (image uint8 (h, w, 3), teacher label, refined label) of the generated samples for
+    pseudo_labels.png (rank 0, with --plots). The labels stay on the device; plot_pseudo_labels copies them to the
+    host when it draws (at a save), so an iteration costs no transfer."""
+    if not samples or state.rank != 0 or not state.cfg.plots:
+        return
+    records = [(s["image"].permute(1, 2, 0).numpy(), label, refine.label_map(t["labels"], t["masks"]))
+               for s, label, t in zip(samples, teacher_labels, targets)]
+    state.records = (records + (state.records or []))[:4]
+
+
 def plot_curves(metrics_path, png_path):
     """Loss (left) and mIoU per evaluation set (right) against the iteration, from metrics.jsonl."""
     from matplotlib.figure import Figure
@@ -607,32 +615,22 @@ def plot_curves(metrics_path, png_path):
     if evals:
         ax_miou.legend()
     fig.tight_layout()
-    atomic(png_path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+    files.atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=90))
 
 
 def plot_pseudo_labels(records, png_path):
-    """Grid of generated samples: image | teacher argmax | refined pseudo label, with a legend of the class colours
-    that appear; black = no class (ignored, or dropped by the refinement rules, reference §5.3)."""
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-
+    """Generated samples, one row each: image | teacher argmax | refined pseudo label, with a legend of the classes
+    that appear (refine.panel, the panel of refine.py's CLI too); black = no class (ignored, or dropped by the
+    refinement rules, docs/official_code.md §5.3)."""
     # the labels are kept on the training device (no copy per iteration); they reach the host here, at a save
     records = [(np.asarray(image), _host(teacher), _host(refined)) for image, teacher, refined in records]
-    fig = Figure(figsize=(9, 3 * len(records) + 1.2))
-    axes = np.asarray(fig.subplots(len(records), 3, squeeze=False))
-    for row, (image, teacher, refined) in zip(axes, records):
-        for ax, img, title in zip(row, (image, data.colorize(teacher), data.colorize(refined)),
-                                  ("generated image", "teacher", "refined")):
-            ax.imshow(img)
-            ax.set_title(title)
-            ax.axis("off")
-    present = sorted({int(c) for _, t, r in records for c in np.unique(np.concatenate([t.ravel(), r.ravel()]))
-                      if c < len(data.CLASSES)})
-    handles = [Patch(color=data.PALETTE[c] / 255, label=data.CLASSES[c]) for c in present]
-    handles.append(Patch(facecolor="black", label="black: ignored / dropped by refinement"))
-    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 1.2 / (3 * len(records) + 1.2), 1, 1))
-    atomic(png_path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+    width = max(image.shape[1] for image, _, _ in records)
+    pad = lambda a: np.pad(a, ((0, 0), (0, width - a.shape[1]), (0, 0)), constant_values=255)  # noqa: E731
+    rows = [[pad(image), pad(data.colorize(teacher)), pad(data.colorize(refined))] for image, teacher, refined in
+            records]
+    grid = refine.panel(rows, ["generated image", "teacher", "refined"],
+                        [m for _, t, r in records for m in (t, r)], data.CLASSES, data.PALETTE)
+    files.save_png(grid, png_path)
 
 
 def _host(x) -> np.ndarray:

@@ -11,8 +11,7 @@ from typing import Optional
 import backbones
 import clouds
 import data
-import refine
-from runtools import runs
+from runtools import cli
 
 DESCRIPTION = "Warmup and joint self-training of CLOUDS (Sec. 3.3 and 4.1 of the paper; reference §1, §4, §5)."
 # ---- config ----
@@ -219,10 +218,10 @@ CHOICES = {"source": SOURCES, "phase": PHASES, "preset": clouds.PRESETS, "sam": 
 
 
 def build_parser(explicit_only: bool = False) -> argparse.ArgumentParser:
-    """argparse generated from TrainConfig (runs.dataclass_parser): --field-name VALUE, --flag/--no-flag for booleans,
+    """argparse generated from TrainConfig (runtools/cli.py): --field-name VALUE, --flag/--no-flag for booleans,
     nargs for tuples, CHOICES for the registries. explicit_only: every default is SUPPRESS, so parsing returns the
     flags given."""
-    return runs.dataclass_parser(TrainConfig, DESCRIPTION, CHOICES, explicit_only)
+    return cli.dataclass_parser(TrainConfig, DESCRIPTION, CHOICES, explicit_only)
 
 
 def parse_args(argv=None):
@@ -238,7 +237,7 @@ def parse_args(argv=None):
         parser.error(str(e))
     notes = []
     if recipe:
-        notes.append(f"--recipe {cfg.recipe} set " + ", ".join(runs.as_flag(k, v) for k, v in recipe.items())
+        notes.append(f"--recipe {cfg.recipe} set " + ", ".join(cli.as_flag(k, v) for k, v in recipe.items())
                      + " (flags given on the command line win)")
     return cfg, notes
 

@@ -71,7 +71,7 @@ MUTATIONS = [
      '(s["image_aug"] if s["generated"] else s["image"]).to(device, non_blocking=True)',
      's["image"].to(device, non_blocking=True)', (WIRING,)),
     ("ema_only_at_iteration_0", "train.py",  # §4.1: an EMA step every ITERATION_UPDATE iterations
-     "        if joint:  # official: EMA step", "        if joint and it == 0:  # official: EMA step",
+     "    if state.teacher is not None:  # 1.", "    if state.teacher is not None and it == 0:  # 1.",
      (f"{WIRING}::test_saved_teacher_is_the_closed_form_ema_of_the_student",)),
     ("ema_alpha_swapped", "train.py",  # §4.1: theta_t <- 0.999 theta_t + 0.001 theta_s
      "t.mul_(alpha).add_(s.detach(), alpha=1.0 - alpha)", "t.mul_(1.0 - alpha).add_(s.detach(), alpha=alpha)",
@@ -114,7 +114,7 @@ MUTATIONS = [
      "    scores = total / count  # (B, C, H, W)", "    scores = total  # (B, C, H, W)",
      ("tests/test_eval_protocol.py",)),
     # ---- issue 15: the GPU path (device-strict tensors, host syncs, signals, several ranks) ----
-    ("plot_numpy_of_device_labels", "runs.py",  # finding 1: CUDA tensors refuse numpy
+    ("plot_numpy_of_device_labels", "runtools/runs.py",  # finding 1: CUDA tensors refuse numpy
      "records = [(np.asarray(image), _host(teacher), _host(refined))",
      "records = [(np.asarray(image), teacher, refined)", (f"{STRICT}::test_plot_of_device_labels",)),
     ("matcher_indices_blocking_copy", "criterion.py",  # finding 5: the indices come back asynchronously
@@ -122,13 +122,13 @@ MUTATIONS = [
     ("msdeform_normalizer_host_tensor", "clouds.py",  # finding 5: a torch.tensor(..., device) per forward
      "normalizer = level_sizes(shapes, query)  # (nL, 2)",
      "normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=query.dtype, device=query.device)", (BUDGET,)),
-    ("loss_item_per_term", "train.py",  # finding 5: one host transfer for every logged number
+    ("loss_item_per_term", "runtools/runs.py",  # finding 5: one host transfer for every logged number
      "host = torch.cat([values, finite]).cpu().tolist()",
      "host = [v.item() for v in torch.cat([values, finite])]", (f"{STRICT}::test_sync_budget_of_a_joint_iteration",)),
-    ("no_barrier_after_the_stop_save", "runs.py",  # finding 3: every rank waits for rank 0's last.pt
+    ("no_barrier_after_the_stop_save", "runtools/runs.py",  # finding 3: every rank waits for rank 0's last.pt
      "        barrier(env)  # every rank waits", "        pass  # every rank waits",
      (f"{MULTI}::test_stop_signal_saves_once_and_every_rank_exits_143[workers]",)),
-    ("forwarded_ctrl_c_aborts", "runs.py",  # finding 3: torchrun forwards the Ctrl-C the workers already got
+    ("forwarded_ctrl_c_aborts", "runtools/runs.py",  # finding 3: torchrun forwards the Ctrl-C the workers already got
      "REPEAT_GRACE = 5.0", "REPEAT_GRACE = 0.0", ("tests/test_gpu_path.py::test_repeated_signals",)),
     ("stop_not_polled_in_evaluation", "evaluate.py",  # finding 3: a stop during an evaluation
      "if stop is not None and i % STOP_POLL == 0 and i < common and stop():",
@@ -136,7 +136,7 @@ MUTATIONS = [
     ("rank0_writes_before_the_verdict", "train.py",  # finding 6: the preflight race
      "    if runs.any_rank(env, problems is not None):", "    if problems is not None:",
      (f"{MULTI}::test_rank0_writes_nothing_before_every_rank_checked_out",)),
-    ("cuda_build_failure_ignored", "preflight.py",  # finding 4: stop before training, name the first error
+    ("cuda_build_failure_ignored", "runtools/preflight.py",  # finding 4: stop before training, name the first error
      "    if cfg.allow_ops_fallback:\n        ops.fallback(problem)", "    if True:\n        ops.fallback(problem)",
      ("tests/test_gpu_path.py::test_cuda_build_failure_is_a_problem_with_the_first_compiler_error",)),
     ("label_crop_box_nearest", "data.py",  # finding 7: the label crop is exactly the crop of the rescaled label

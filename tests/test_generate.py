@@ -191,10 +191,10 @@ def test_toy_resume_and_sharding_give_identical_files(tmp_path, monkeypatch):
         calls.append(seed)
         return render(prompt, seed, size=size)
 
-    monkeypatch.setattr(toycity, "render", flaky)
+    monkeypatch.setattr(city, "render", flaky)
     with pytest.raises(KeyboardInterrupt):
         generate.main(toy_args(tmp_path / "resumed", n))
-    monkeypatch.setattr(toycity, "render", render)
+    monkeypatch.setattr(city, "render", render)
     assert len(list((tmp_path / "resumed" / "images").iterdir())) == 3
     with open(tmp_path / "resumed" / "manifest.part0.jsonl", "a") as f:
         f.write('{"index": 5, "prompt": "A photo of')  # torn line of a killed process

@@ -320,8 +320,8 @@ def test_points_follow_official_rng_protocol(G, model, monkeypatch):
 
 def test_matcher_indices_with_12544_points(G, model):
     """The default 12544 matcher points (official TRAIN_NUM_POINTS) with the RNG protocol, matcher calls only."""
-    matcher = criterion.HungarianMatcher(model.criterion.matcher.cost_class, model.criterion.matcher.cost_mask,
-                                      model.criterion.matcher.cost_dice, num_points=12544)
+    matcher = criterion_module.HungarianMatcher(model.criterion.matcher.cost_class, model.criterion.matcher.cost_mask,
+                                             model.criterion.matcher.cost_dice, num_points=12544)
     out = golden_outputs(G)
     with torch.random.fork_rng():
         torch.manual_seed(G["config"]["seed_loss_rng"])

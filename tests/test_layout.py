@@ -8,34 +8,39 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TOP = {"ops", "data", "criterion", "backbones", "clouds", "checkpoints", "refine", "generate", "evaluate", "train"}
 TOYWORLD = {f"toyworld.{m}" for m in ("parts", "scene", "paint", "city", "sam", "demo")}
-RUNTOOLS = {f"runtools.{m}" for m in ("runs", "preflight", "train_config")}
+RUNTOOLS = {f"runtools.{m}" for m in ("runs", "preflight", "train_config", "cli", "files")}
+UTILS = {"runtools.cli", "runtools.files"}  # the bottom of the graph: they import no project file
 PROJECT = TOP | TOYWORLD | RUNTOOLS
 ALLOWED = {
+    "runtools.files": set(),                       # the one atomic writer
+    "runtools.cli": set(),                         # the one dataclass-to-argparse helper
     "ops": set(),
-    "data": set(),
+    "data": {"runtools.files"},
     "criterion": set(),                             # the matcher and losses: copyable alone
     "backbones": set(),                             # ViT backbones, Rein, LoRA (issue 19): copyable alone
     "clouds": {"ops", "criterion"},                 # needs ops.py and criterion.py beside it
-    "checkpoints": {"clouds", "ops"},               # needs clouds.py (and ops.py) beside it
+    "checkpoints": {"clouds", "ops", "runtools.files"},  # needs clouds.py (and ops.py) beside it
     "refine": {"ops"},
-    "generate": set(),
-    "evaluate": {"data", "clouds", "checkpoints"},
+    "generate": UTILS,
+    "evaluate": {"data", "clouds", "checkpoints"} | UTILS,
     "train": TOP - {"train", "generate"} | RUNTOOLS,  # never the toy world
-    "runtools.runs": {"ops", "data", "clouds", "checkpoints", "refine", "evaluate"},  # never train
+    "runtools.runs": {"ops", "data", "clouds", "checkpoints", "refine", "evaluate"} | UTILS,  # never train
     "runtools.preflight": {"ops", "data", "backbones", "clouds", "checkpoints", "refine", "evaluate", "runtools.runs"},
-    "runtools.train_config": {"backbones", "clouds", "data", "refine", "runtools.runs"},
+    "runtools.train_config": {"backbones", "clouds", "data", "runtools.cli"},
     "toyworld.parts": set(),                         # ToyCity's world: city.py needs its three files beside it
     "toyworld.scene": {"toyworld.parts"},
     "toyworld.paint": {"toyworld.parts"},
-    "toyworld.city": {"toyworld.parts", "toyworld.scene", "toyworld.paint"},
+    "toyworld.city": {"toyworld.parts", "toyworld.scene", "toyworld.paint"} | UTILS,
     "toyworld.sam": {"ops"},
     "toyworld.demo": PROJECT - {"toyworld.demo"},
 }
 # Imports a file may make only inside a function, when the feature is asked for: refine.py still runs with only ops.py
-# beside it (build_predictor("toy") imports the offline SAM stand-in; its CLI's class legend reads data.py);
+# beside it (build_predictor("toy") imports the offline SAM stand-in; its CLI reads data.py's class names and colours
+# and writes through runtools/files.py); ops.py's self-check CLI builds its flags with runtools/cli.py;
 # clouds.py still copies with ops.py and criterion.py (a ViT backbone, issue 19, imports backbones.py when asked for);
 # generate.py's offline backend is ToyCity's renderer.
-LAZY = {"refine": {"toyworld.sam", "data"}, "clouds": {"backbones"}, "generate": {"toyworld.city"}}
+LAZY = {"refine": {"toyworld.sam", "data"} | UTILS, "clouds": {"backbones"}, "generate": {"toyworld.city"},
+        "ops": {"runtools.cli"}}
 
 
 def path_of(module: str) -> Path:

@@ -40,7 +40,7 @@ def noisy(shape, classes=3, seed=0):
 
 
 def toycity_label(seed, domain="cityscapes", size=None):
-    toycity = pytest.importorskip("toyworld.city")
+    city = pytest.importorskip("toyworld.city")
     return torch.as_tensor(city.render_scene(domain, seed, size=size)[1])
 
 

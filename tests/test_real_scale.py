@@ -12,6 +12,7 @@ import torch
 import clouds
 import refine
 import train
+from runtools import runs
 from runtools import train_config
 from test_refine import tiny_sam
 
@@ -92,12 +93,12 @@ def test_sam_torch_image_path_agrees_with_the_numpy_path():
 def test_sync_only_under_profile(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
-    train._sync(torch.device("cuda", 0), profile=False)
+    runs.StepClock(torch.device("cuda", 0), profile=False).stop()
     assert calls == []                                            # default: no synchronization for timing
-    train._sync(torch.device("cuda", 0), profile=True)
-    assert calls == [torch.device("cuda", 0)]
-    train._sync(torch.device("cpu"), profile=True)
-    assert len(calls) == 1
+    runs.StepClock(torch.device("cuda", 0), profile=True).lap("time_teacher")
+    assert calls == [torch.device("cuda", 0)] * 2                 # start, lap
+    runs.StepClock(torch.device("cpu"), profile=True).stop()
+    assert len(calls) == 2
     cfg = train_config.TrainConfig()
     assert cfg.tf32 is True and cfg.profile is False              # stated defaults
     assert train_config.parse_config(["--no-tf32", "--profile"]).tf32 is False
@@ -166,7 +167,7 @@ def test_cuda_pseudo_targets_stay_on_the_device(monkeypatch):
     original_cpu = torch.Tensor.cpu  # the sample itself is on the host, as the DataLoader returns it
     monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: original_cpu(self, *a, **k) if
                         self.device.type == "cpu" else pytest.fail(f"{tuple(self.shape)} left the device"))
-    targets, _, _, _ = train.pseudo_targets(model, model.sem_seg_head, samples, pred, cfg, torch.device("cuda"))
+    _, targets = train.pseudo_targets(model, model.sem_seg_head, samples, pred, cfg, torch.device("cuda"))
     monkeypatch.undo()
     assert len(targets) == 1 and {v.device.type for v in targets[0].values()} == {"cuda"}
 

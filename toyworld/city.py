@@ -1,7 +1,7 @@
 """ToyCity: an offline procedural world of street scenes with dense labels, the data every test and the offline demo use.
 
 CLOUDS (Sec. 4) trains on GTA5, SYNTHIA or Cityscapes and tests on Cityscapes, BDD100K, Mapillary Vistas and ACDC; its
-self-training half (Sec. 3.1) pseudo-labels Stable Diffusion images made from text prompts. None of that is reachable
+self-training half (Sec. 3.3) pseudo-labels Stable Diffusion images made from text prompts. None of that is reachable
 offline, so this module renders toy stand-ins. Each domain has its own STYLE (palette, texture, noise, blur, lighting,
 weather) and CONTENT statistics (object frequencies, layout, camera), so a model trained on a toy source really loses
 accuracy on the toy targets. Each domain is written in its real dataset's folder layout and RAW label format (reference
@@ -23,12 +23,13 @@ import os
 import re
 import sys
 import zlib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from runtools import cli, files
 from toyworld.paint import _domain_palette, _paint
 from toyworld.parts import (BICYCLE, BUS, CAR, IGNORE, LIGHT, MOTORCYCLE, PERSON, SIGN, SKY, TRAIN, TRUCK,
                             VEGETATION, _BASE, _Canvas)
@@ -363,15 +364,8 @@ def _encode(array, fmt="PNG", palette=None, quality=90):
     return buf.getvalue()
 
 
-def _write(path, data):
-    """Atomic write: a temp file in the same folder, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def _write(path, data: bytes):
+    files.atomic_write(path, lambda f: f.write(data))
 
 
 def _write_item(job):
@@ -436,12 +430,7 @@ def _parser() -> argparse.ArgumentParser:
     """The CLI from BuildConfig's fields: --kebab-case flags, help from each field's metadata, bools as --x/--no-x."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(BuildConfig):
-        flag, help_text = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
-        else:
-            parser.add_argument(flag, type=f.type, default=f.default, help=help_text)
+    cli.add_dataclass_flags(parser, BuildConfig)
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     return parser
 

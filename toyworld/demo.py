@@ -21,7 +21,7 @@ import numpy as np
 import data
 import generate
 import train
-from runtools import runs, train_config
+from runtools import files, runs, train_config
 from runtools.train_config import RECIPES, TOY, TOY_ITERS, TOY_ROOT, TOY_TARGETS
 from toyworld import city
 
@@ -95,8 +95,8 @@ def run_demo(cfg, out, seeds: int = 1) -> dict:
     print(md)
     seconds["total"] = round(time.perf_counter() - t_start, 1)
     summary = {"table": table, "per_seed": per_seed, "caption": caption, "seconds": seconds, "built_toycity": built}
-    runs.atomic(out / "ablation.md", lambda tmp: Path(tmp).write_text(md + "\n"))
-    runs.write_json(summary, out / "ablation.json")
+    files.write_text(md + "\n", out / "ablation.md")
+    files.write_json(summary, out / "ablation.json")
     return summary
 
 

@@ -291,8 +291,8 @@ def save_prediction(pred, save_dir, name) -> None:
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     pred = torch.as_tensor(pred).cpu().numpy().astype(np.uint8)
-    data.save_png(pred, save_dir / f"{name}.png")
-    data.save_png(data.colorize(pred), save_dir / f"{name}_color.png")
+    files.save_png(pred, save_dir / f"{name}.png")
+    files.save_png(data.colorize(pred), save_dir / f"{name}_color.png")
 
 
 class Stopped(Exception):
@@ -473,9 +473,9 @@ def predict_images(model, paths, save_dir, device="cpu", short_side: int = 1024,
         pred = model.predict(x)[0].cpu().numpy().astype(np.uint8)              # (h, w) train ids
         pred = data.resize_label(pred, image.shape[:2])                        # (H, W), nearest
         stem = Path(path).stem
-        data.save_png(pred, save_dir / f"{stem}.png")
-        data.save_png(data.colorize(pred), save_dir / f"{stem}_color.png")
-        data.save_png(overlay(image, pred), save_dir / f"{stem}_overlay.png")
+        files.save_png(pred, save_dir / f"{stem}.png")
+        files.save_png(data.colorize(pred), save_dir / f"{stem}_color.png")
+        files.save_png(overlay(image, pred), save_dir / f"{stem}_overlay.png")
     for mode, names in converted.items():
         print(f"read {len(names)} image(s) as {data.describe_mode(mode)}: {', '.join(names[:5])}"
               + (", ..." if len(names) > 5 else ""))

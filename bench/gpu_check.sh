@@ -260,7 +260,7 @@ import statistics, sys, time
 from functools import partial
 import torch
 import refine
-import toycity
+from toyworld import city as toycity
 
 dry = sys.argv[1] == "1"
 device = "cpu" if dry else "cuda"

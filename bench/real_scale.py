@@ -49,6 +49,7 @@ def write_data(root: Path, tiny: bool, num_gta: int = 4, num_generated: int = 4)
     """GTA5 layout (images/NNNNN.png, labels/NNNNN.png as Cityscapes-labelId palette PNGs, then data.convert) and a
     generate.py-style folder (images/im_{j}_p0.png); existing files are kept."""
     import data
+    from runtools import files
     from toyworld import city
 
     size = SIZES[tiny]
@@ -75,7 +76,7 @@ def write_data(root: Path, tiny: bool, num_gta: int = 4, num_generated: int = 4)
         image_path.parent.mkdir(parents=True, exist_ok=True)
         label_path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(image_path)
-        data.save_png(label, label_path)
+        files.save_png(label, label_path)
     gen = root / "generated" / "images"
     gen.mkdir(parents=True, exist_ok=True)
     for j in range(num_generated):

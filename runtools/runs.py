@@ -2,7 +2,7 @@
 log.txt, Ctrl-C / SIGTERM, the PNG plots and the periodic evaluation (reference §1.3-1.4, §9). The training method
 itself (Sec. 3.3 of the paper) is in train.py, which imports this file; this file never imports train.py.
 
-Usage: not a script; `import runs` (train.py does). A running phase's state is train.RunState (duck-typed here).
+Usage: not a script; `from runtools import runs` (train.py does). A running phase's state is train.RunState (duck-typed here).
 """
 import errno
 import itertools

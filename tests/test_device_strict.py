@@ -141,8 +141,8 @@ def test_sync_budget_of_a_joint_iteration(toy_root, gen_dir, tmp_path):
         by_site[key] = by_site.get(key, 0) + n
     assert n_gen == 3  # the stream is a function of the seed
     assert by_site["criterion.py __call__"] == 10  # one per prediction (final + 9 auxiliary)
-    assert by_site["criterion.py targets_from_labels"] == 1 and by_site["runs.py check_outputs"] == 1
-    assert by_site["train.py train_step"] == 1
+    assert by_site["criterion.py targets_from_labels"] == 1 and by_site["runtools/runs.py check_outputs"] == 1
+    assert by_site["runtools/runs.py checked_values"] == 1  # the logged numbers and the finite checks
     assert mode.ours() == 13 + 2 * n_gen <= BUDGET
     # segment_anything's own: its relative-position tables are host tensors (vit_b/l/h; MobileSAM's TinyViT has
     # none); its prompt encoder's boolean masks are bypassed (refine._predict_positive_points)

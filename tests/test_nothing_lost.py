@@ -27,7 +27,7 @@ import checkpoints
 import data
 import evaluate
 import generate
-from runtools import preflight
+from runtools import files, preflight
 import refine
 import train
 from runtools import train_config
@@ -92,7 +92,7 @@ def test_evaluate_save_pred_in_the_images_folder_is_refused_even_with_overwrite(
     photos = tmp_path / "photos"
     photos.mkdir()
     for i in range(3):
-        data.save_png(rgb_image(seed=i), photos / f"p{i}.png")
+        files.save_png(rgb_image(seed=i), photos / f"p{i}.png")
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"not read: the preflight refuses first")
     before = snapshot(tmp_path)
@@ -110,8 +110,8 @@ def test_refine_out_in_an_input_folder_is_refused(tmp_path, capsys):
     images, labels = tmp_path / "images", tmp_path / "labels"
     images.mkdir()
     labels.mkdir()
-    data.save_png(rgb_image(), images / "a.png")
-    data.save_png(np.zeros((20, 30), np.uint8), labels / "a.png")
+    files.save_png(rgb_image(), images / "a.png")
+    files.save_png(np.zeros((20, 30), np.uint8), labels / "a.png")
     before = snapshot(tmp_path)
     for out, flag in ((images / "refined", "--images"), (tmp_path, "--images"), (labels, "--labels")):
         code, err = run_exit(refine.main, ["--images", str(images), "--labels", str(labels), "--out", str(out),
@@ -182,7 +182,7 @@ def test_lock_released_and_seen_by_the_preflight(finished, tmp_path):
     lock = train.runs.OutLock(tmp_path / "x")
     assert lock.acquire() is None
     try:
-        code = subprocess.run([sys.executable, "-c", "import sys, runs; print(runs.lock_owner(sys.argv[1]))",
+        code = subprocess.run([sys.executable, "-c", "import sys; from runtools import runs; print(runs.lock_owner(sys.argv[1]))",
                                str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True)
         assert f"'pid': {os.getpid()}" in code.stdout, code.stderr
     finally:
@@ -198,7 +198,7 @@ def test_images_whose_predictions_would_clash_are_refused(tmp_path, capsys):
     photos = tmp_path / "photos"
     photos.mkdir()
     for name in ("x.png", "y.png", "y_color.png", "z.png"):
-        data.save_png(rgb_image(), photos / name)
+        files.save_png(rgb_image(), photos / name)
     Image.fromarray(rgb_image()).save(photos / "x.jpg")
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"x")
@@ -292,12 +292,12 @@ def test_16bit_images_in_training_and_inference(tmp_path, capsys):
 
 def test_refine_cli_reads_16bit_images(tmp_path, monkeypatch):
     """refine.py (its own reader: it copies on its own) hands SAM the grey image, not a white one."""
-    files = _modes(tmp_path)
+    modes = _modes(tmp_path)
     images, labels = tmp_path / "images", tmp_path / "labels"
     images.mkdir()
     labels.mkdir()
-    shutil.copy(files["grey16"][0], images / "g.png")
-    data.save_png(np.zeros((12, 16), np.uint8), labels / "g.png")
+    shutil.copy(modes["grey16"][0], images / "g.png")
+    files.save_png(np.zeros((12, 16), np.uint8), labels / "g.png")
     seen = []
 
     def spy(image, label, predictor, cfg, generator):
@@ -307,7 +307,7 @@ def test_refine_cli_reads_16bit_images(tmp_path, monkeypatch):
     monkeypatch.setattr(refine, "_refine", spy)
     refine.main(["--images", str(images), "--labels", str(labels), "--out", str(tmp_path / "out"), "--sam", "toy",
                  "--no-progress"])
-    assert np.array_equal(seen[0], files["grey16"][1])
+    assert np.array_equal(seen[0], modes["grey16"][1])
 
 
 def test_16bit_labels(tmp_path):
@@ -532,7 +532,7 @@ def test_files_get_the_mode_of_logs_and_the_run_ends_with_done(finished, toy_roo
         images = tmp_path / "gen" / "images"
         labels = tmp_path / "labels"
         labels.mkdir()
-        data.save_png(np.zeros((192, 192), np.uint8), labels / "im_0_p0.png")
+        files.save_png(np.zeros((192, 192), np.uint8), labels / "im_0_p0.png")
         refine.main(["--images", str(images), "--labels", str(labels), "--out", str(tmp_path / "ref"), "--sam", "toy",
                      "--no-progress"])
     finally:

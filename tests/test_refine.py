@@ -8,6 +8,7 @@ import pytest
 import scipy.ndimage as ndi
 import torch
 
+import data
 import ops
 import refine
 from toyworld import sam as toysam
@@ -401,7 +402,7 @@ def test_cli_end_to_end(tmp_path, capsys):
         vis = np.asarray(Image.open(tmp_path / "out" / f"{stem}_vis.png"))
         t = refine.PANEL_TITLE_ROWS  # title band above, legend below
         assert vis.shape[1:] == (3 * 128, 3) and vis.shape[0] > t + 96 and np.array_equal(vis[t:t + 96, :128], image)
-        assert np.array_equal(vis[t:t + 96, 128:256][0, 0], refine.PALETTE[teacher[0, 0]])
+        assert np.array_equal(vis[t:t + 96, 128:256][0, 0], data.PALETTE[teacher[0, 0]])
     again = refine.main(args)
     assert again["refined"] == 0 and again["skipped"] == 2  # resume
     (tmp_path / "labels" / "a.png").unlink()
@@ -501,15 +502,15 @@ def test_panel_titles_and_legend():
     label[:, 15:] = 13
     refined = label.copy()
     refined[:5] = 255
-    vis = refine.panel([a, refine.colorize(label), refine.colorize(refined)], ["image", "teacher", "refined"],
-                       [label, refined])
+    vis = refine.panel([a, data.colorize(label), data.colorize(refined)], ["image", "teacher", "refined"],
+                       [label, refined], data.CLASSES, data.PALETTE)
     t = refine.PANEL_TITLE_ROWS
     assert vis.shape[1] == 90 and np.array_equal(vis[t:t + 20, :30], a)
     title, legend = vis[:t], vis[t + 20:]
     assert (title < 100).any()                                          # dark title text
     colours = {tuple(c) for c in legend.reshape(-1, 3).tolist()}
-    assert tuple(refine.PALETTE[0].tolist()) in colours and tuple(refine.PALETTE[13].tolist()) in colours
-    assert tuple(refine.PALETTE[1].tolist()) not in colours             # only the classes present
+    assert tuple(data.PALETTE[0].tolist()) in colours and tuple(data.PALETTE[13].tolist()) in colours
+    assert tuple(data.PALETTE[1].tolist()) not in colours             # only the classes present
     assert (0, 0, 0) in colours                                         # the black "dropped / ignored" swatch
 
 

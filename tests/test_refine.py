@@ -651,3 +651,24 @@ def test_score_labels_cli(tmp_path, capsys):
         with pytest.raises(SystemExit) as err:  # argparse usage errors name the flags of the other mode
             refine.main(argv)
         assert err.value.code == 2 and "--score-labels" in capsys.readouterr().err
+
+
+def test_bench_pseudo_labels_runs_on_a_tiny_folder(tmp_path):
+    """bench/bench_pseudo_labels.py (the toy-SAM fairness table) on 2 small ToyCity images: every row is scored, the
+    truth as teacher scores 100%, and the corruption levels are ordered."""
+    import importlib.util
+    import generate
+    spec = importlib.util.spec_from_file_location("bench_pseudo_labels",
+                                                  refine.Path(__file__).parents[1] / "bench" / "bench_pseudo_labels.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    generate.main(["--out", str(tmp_path), "--backend", "toy", "--num-images", "2", "--height", "64", "--width", "80",
+                   "--no-progress"])
+    result = bench.run(tmp_path, 2)
+    q = result["quality"]
+    assert list(q) == ["truth", "mild", "medium", "strong"] and result["images"] == 2
+    assert q["truth"]["teacher"]["mIoU"] == q["truth"]["teacher"]["acc"] == 1.0 == 1 - q["truth"]["teacher"]["dropped"]
+    assert q["mild"]["teacher"]["acc"] > q["strong"]["teacher"]["acc"]
+    assert all(0 <= row["refined"]["dropped"] <= 1 and row["teacher"]["dropped"] == 0 for row in q.values())
+    assert result["oracle_iou"] and all(0 <= v <= 1 for v in result["oracle_iou"])
+    assert "| strong |" in bench.format_table(result)

@@ -139,7 +139,8 @@ def layout_help(name: str, root, split: str = None) -> str:
     base = f"{root}/" if name == "generated" else f"{root}/{lay.folders[0]}/"
     lines = [f"  {base}{lay.images.format(split=part)}/{lay.sub}<stem>{lay.image_suffix}"]
     if name == "generated":
-        lines.append(f"  (or {root}/<stem>.png; generated images have no labels)")
+        lines.append(f"  (or {root}/<stem>.png; generated images have no labels; ToyCity's "
+                     f"{root}/{TRUTH_DIR}/<stem>.png are hidden true labels, read only as sample['truth'] for metrics)")
     else:
         lines.append(f"  {base}{lay.labels.format(split=part)}/{lay.sub}<stem>{lay.label_suffix}"
                      + (f"   <- python data.py convert {name} {root}" if lay.raw_suffix else "   (ships train ids)"))

@@ -657,9 +657,10 @@ def test_bench_pseudo_labels_runs_on_a_tiny_folder(tmp_path):
     """bench/bench_pseudo_labels.py (the toy-SAM fairness table) on 2 small ToyCity images: every row is scored, the
     truth as teacher scores 100%, and the corruption levels are ordered."""
     import importlib.util
+    from pathlib import Path
     import generate
     spec = importlib.util.spec_from_file_location("bench_pseudo_labels",
-                                                  refine.Path(__file__).parents[1] / "bench" / "bench_pseudo_labels.py")
+                                                  Path(__file__).parents[1] / "bench" / "bench_pseudo_labels.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     generate.main(["--out", str(tmp_path), "--backend", "toy", "--num-images", "2", "--height", "64", "--width", "80",

@@ -115,6 +115,9 @@ DATASETS = {
     # generate.py's output folder itself is the root: <folder>/images/*.png (or <folder>/*.png); no labels.
     "generated": Layout((".",), "images", ".png"),
 }
+# generate.py --backend toy writes each image's true label to <folder>/truth/<stem>.png (generate.TRUTH_DIR). It is
+# never a training label: SegDataset hands it out as sample["truth"], only to measure pseudo-label quality.
+TRUTH_DIR = "truth"
 GTA_EXCLUDED = frozenset([15188, 17705, *range(20801, 20861)])  # §7.2: the official list leaves out these 62 images
 
 
@@ -138,7 +141,8 @@ def layout_help(name: str, root, split: str = None) -> str:
     base = f"{root}/" if name == "generated" else f"{root}/{lay.folders[0]}/"
     lines = [f"  {base}{lay.images.format(split=part)}/{lay.sub}<stem>{lay.image_suffix}"]
     if name == "generated":
-        lines.append(f"  (or {root}/<stem>.png; generated images have no labels)")
+        lines.append(f"  (or {root}/<stem>.png; generated images have no labels; ToyCity's "
+                     f"{root}/{TRUTH_DIR}/<stem>.png are hidden true labels, read only as sample['truth'] for metrics)")
     else:
         lines.append(f"  {base}{lay.labels.format(split=part)}/{lay.sub}<stem>{lay.label_suffix}"
                      + (f"   <- python data.py convert {name} {root}" if lay.raw_suffix else "   (ships train ids)"))
@@ -161,6 +165,16 @@ def _glob(folder: Path, suffix: str, recursive: bool):
     return sorted(p for p in files if p.is_file() and not p.name.startswith("."))
 
 
+def list_truths(root, items: list) -> list:
+    """The hidden true label of each generated image (items from list_files("generated", root)): the path
+    <root>/truth/<stem>.png, or None where that file does not exist (also for every item when there is no truth/)."""
+    truth_dir = Path(root).expanduser().absolute() / TRUTH_DIR
+    if not truth_dir.is_dir():
+        return [None] * len(items)
+    return [truth_dir / f"{Path(image).stem}.png" if (truth_dir / f"{Path(image).stem}.png").is_file() else None
+            for image, _ in items]
+
+
 def list_files(name: str, root, split: str = None) -> list:
     """Sorted (image path, label path or None) pairs of a dataset; raises FileNotFoundError with the layout."""
     _check_name(name)
@@ -173,7 +187,7 @@ def list_files(name: str, root, split: str = None) -> list:
         if not root.is_dir():
             raise FileNotFoundError(f"generated-image folder {root} does not exist.\n{layout_help(name, root)}")
         image_dir = root / "images" if (root / "images").is_dir() else root
-        images = _glob(image_dir, ".png", recursive=False)
+        images = _glob(image_dir, ".png", recursive=False)  # not recursive: truth/*.png are never images
         if not images:
             raise FileNotFoundError(f"no *.png in {image_dir}.\n{layout_help(name, root)}")
         return [(p, None) for p in images]
@@ -352,10 +366,17 @@ def nested(a, b) -> bool:
 class SegDataset(torch.utils.data.Dataset):
     """Image/label pairs of one dataset. A sample is {"image": uint8 (3, H, W) RGB, "label": uint8 (H, W) in
     {0..18, 255} (all 255 without labels), "name": image stem, "path": image path}, passed through
-    `transform(sample, rng)` when a transform is set."""
+    `transform(sample, rng)` when a transform is set.
 
-    def __init__(self, name: str, items: list, transform=None):
+    `truths` (generated images of ToyCity: list_truths) adds "truth": uint8 (H, W) train ids, the image's hidden true
+    label, to the samples whose truth file exists, moved by the transform exactly as "label" is. It is for measuring
+    pseudo labels only: training reads "label", which stays all 255 for generated images."""
+
+    def __init__(self, name: str, items: list, transform=None, truths: list = None):
         self.name, self.items, self.transform = name, items, transform
+        self.truths = truths if truths is not None else [None] * len(items)
+        if len(self.truths) != len(items):
+            raise ValueError(f"expected one truth path (or None) per item, got {len(self.truths)} for {len(items)}")
 
     def __len__(self):
         return len(self.items)
@@ -386,6 +407,13 @@ class SegDataset(torch.utils.data.Dataset):
         # (3, H, W) as a view of the decoded (H, W, 3) array: the transforms take it back without a copy
         sample = {"image": torch.from_numpy(image).permute(2, 0, 1), "label": torch.from_numpy(label),  # uint8
                   "name": Path(image_path).stem, "path": str(image_path)}
+        if self.truths[i] is not None:  # the hidden truth of a generated image: metrics only, never a target
+            truth = read_label(self.truths[i])
+            if truth.shape != image.shape[:2]:
+                raise DataError(f"size mismatch: image {image_path} is {image.shape[0]}x{image.shape[1]} but its "
+                                f"truth {self.truths[i]} is {truth.shape[0]}x{truth.shape[1]} (HxW); regenerate both "
+                                f"with generate.py (same --out and settings, after deleting them).")
+            sample["truth"] = torch.from_numpy(truth)
         if self.transform is not None:
             sample = self.transform(sample, np.random.default_rng(i) if rng is None else rng)
         return sample
@@ -400,8 +428,10 @@ def build_dataset(name: str, root, split: str = None, transform=None) -> SegData
             `generated` the generation folder (holding images/*.png).
         split: "train" or "val" (default `default_split(name)`).
         transform: called as transform(sample, rng) with a numpy Generator, or None.
+    For `generated`, samples also carry "truth" where <root>/truth/<stem>.png exists (SegDataset; metrics only).
     """
-    return SegDataset(name, list_files(name, root, split), transform)
+    items = list_files(name, root, split)
+    return SegDataset(name, items, transform, list_truths(root, items) if name == "generated" else None)
 
 
 # ---- transforms (§1.7 training, §8.1 test) ----
@@ -508,10 +538,10 @@ class TrainTransform:
                              f"{self.scale_range}")
 
     def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
-        img, lbl = _to_hwc(sample["image"]), sample["label"].numpy().astype(np.uint8, copy=False)
+        img = _to_hwc(sample["image"])
         # ResizeScale: factor min(s*Ht/H, s*Wt/W) with the target = the native size, i.e. a rescale by s
         s = rng.uniform(*self.scale_range)
-        H, W = lbl.shape
+        H, W = img.shape[:2]
         size = (max(1, round(H * s)), max(1, round(W * s)))
         # FixedSizeCrop: random crop of min(c, H) x min(c, W), padded bottom/right to c x c.
         # official code (detectron2 quirk): ONE u ~ U(0, 1) scales both the y and the x offset range.
@@ -524,31 +554,39 @@ class TrainTransform:
         h, w = min(c, size[0]), min(c, size[1])
         box = (x0 * W / size[1], y0 * H / size[0], (x0 + w) * W / size[1], (y0 + h) * H / size[0])
         img = resize_region(img, (h, w), box)
-        lbl = lbl[nearest_positions(H, size[0], y0, h)[:, None], nearest_positions(W, size[1], x0, w)[None, :]]
+        rows, cols = nearest_positions(H, size[0], y0, h)[:, None], nearest_positions(W, size[1], x0, w)[None, :]
         out_img = np.full((c, c, 3), self.pad_value, np.uint8)
-        out_lbl = np.full((c, c), self.ignore_index, np.uint8)
-        out_img[:img.shape[0], :img.shape[1]], out_lbl[:lbl.shape[0], :lbl.shape[1]] = img, lbl
+        out_img[:img.shape[0], :img.shape[1]] = img
+        maps = {k: sample[k].numpy().astype(np.uint8, copy=False) for k in ("label", "truth") if k in sample}
+        for k, m in maps.items():  # the label, and a generated image's hidden truth (metrics only): same geometry
+            out = np.full((c, c), self.ignore_index, np.uint8)
+            out[:h, :w] = m[rows, cols]
+            maps[k] = out
         # official order: the jitter also shifts the padded pixels, and the flip moves the pad to the left
         if self.jitter:
             out_img = color_jitter_ssd(out_img, rng)
         if self.flip and rng.random() < 0.5:
-            out_img, out_lbl = out_img[:, ::-1], out_lbl[:, ::-1]
-        return {**sample, "image": _to_chw(out_img), "label": torch.from_numpy(np.ascontiguousarray(out_lbl))}
+            out_img, maps = out_img[:, ::-1], {k: m[:, ::-1] for k, m in maps.items()}
+        return {**sample, "image": _to_chw(out_img),
+                **{k: torch.from_numpy(np.ascontiguousarray(m)) for k, m in maps.items()}}
 
 
 @dataclass
 class GeneratedTransform:
     """Generated-image augmentation (§1.7): flip only, no rescale or crop; `image` = the clean flipped image (teacher
-    and SAM input), `image_aug` = the same flip plus SSD jitter (student input)."""
+    and SAM input), `image_aug` = the same flip plus SSD jitter (student input). A sample's "truth" (the hidden true
+    label, metrics only) is flipped with `image`, so it stays aligned with what the teacher and SAM see."""
     flip: bool = True    # official RandomFlip
     jitter: bool = True  # official ColorAugSSDTransform on the student copy only
 
     def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
-        img, lbl = _to_hwc(sample["image"]), sample["label"]
+        img = _to_hwc(sample["image"])
+        maps = {k: sample[k] for k in ("label", "truth") if k in sample}
         if self.flip and rng.random() < 0.5:
-            img, lbl = img[:, ::-1], lbl.flip(-1)
+            img, maps = img[:, ::-1], {k: m.flip(-1) for k, m in maps.items()}
         aug = color_jitter_ssd(img, rng) if self.jitter else img
-        return {**sample, "image": _to_chw(img), "image_aug": _to_chw(aug), "label": lbl.contiguous()}
+        return {**sample, "image": _to_chw(img), "image_aug": _to_chw(aug),
+                **{k: m.contiguous() for k, m in maps.items()}}
 
 
 def shortest_edge_size(height: int, width: int, short_side: int = 1024) -> tuple:
@@ -570,8 +608,9 @@ class TestTransform:
         if size == (h, w):
             return sample
         img = resize_image(_to_hwc(sample["image"]), size)
-        lbl = resize_label(sample["label"].numpy().astype(np.uint8, copy=False), size)
-        return {**sample, "image": _to_chw(img), "label": torch.from_numpy(lbl)}
+        maps = {k: torch.from_numpy(resize_label(sample[k].numpy().astype(np.uint8, copy=False), size))
+                for k in ("label", "truth") if k in sample}                  # a hidden truth moves with the label
+        return {**sample, "image": _to_chw(img), **maps}
 
 
 # ---- conversion to train ids (§7.3) ----

@@ -12,7 +12,9 @@ Usage:
     python generate.py --out DIR --llm /path/to/chat-model --llm-num 100           # write DIR/prompts.txt first
 
 Layout: DIR/images/im_{j}_p{k}.png (k = j mod number of prompts), DIR/manifest.jsonl (one JSON line per image),
-DIR/config.json (the resolved config).
+DIR/config.json (the resolved config). The toy backend also writes DIR/truth/im_{j}_p{k}.png, the image's true label
+(uint8 train ids, 255 = ignore): never read for training, only to score pseudo labels
+(`python refine.py --score-labels LABELS --truth DIR/truth`, data.py's sample["truth"]).
 
 Sharding: with S = num_parts * WORLD_SIZE shards, shard r = part * WORLD_SIZE + RANK renders the indices
 j in [0, num_images) with j % S == r (interleaved, so every shard cycles through all prompts). Each shard appends to
@@ -270,16 +272,19 @@ def _device(cfg: GenerateConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def render_batch(cfg: GenerateConfig, pipe, prompts: list, seeds: list) -> list:
-    """Images (uint8 HxWx3 arrays) for the prompts; image i depends only on (prompts[i], seeds[i])."""
+def render_batch(cfg: GenerateConfig, pipe, prompts: list, seeds: list) -> tuple:
+    """(images, truths) for the prompts: images uint8 (H, W, 3); image i depends only on (prompts[i], seeds[i]).
+    truths: the toy renderer's true labels, uint8 (H, W) train ids (255 = ignore), one per image; None for Stable
+    Diffusion (its images have no known labels)."""
     if cfg.backend == "toy":
         from toyworld import city
-        return [city.render(p, s, size=(cfg.height, cfg.width)) for p, s in zip(prompts, seeds)]
+        pairs = [city.render_with_label(p, s, size=(cfg.height, cfg.width)) for p, s in zip(prompts, seeds)]
+        return [image for image, _ in pairs], [truth for _, truth in pairs]
     device = pipe.device
     gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]  # one generator per image
     out = pipe(prompt=prompts, height=cfg.height, width=cfg.width, num_inference_steps=cfg.steps,
                guidance_scale=cfg.guidance, generator=gens, output_type="np")
-    return [np.round(im * 255).clip(0, 255).astype(np.uint8) for im in out.images]  # (H, W, 3) float in [0, 1]
+    return [np.round(im * 255).clip(0, 255).astype(np.uint8) for im in out.images], None  # (H, W, 3) in [0, 1]
 
 
 # ---- files and manifest ----
@@ -290,6 +295,11 @@ def _write_text(path: Path, text: str):
 
 def _write_png(path: Path, image: np.ndarray):
     files.save_png(image, path)
+
+
+# ToyCity's true labels, beside the images but outside images/ (data.TRUTH_DIR): data.py never lists them as images
+# nor as labels; SegDataset hands them out as sample["truth"] to score pseudo labels (refine.label_confusion).
+TRUTH_DIR = "truth"
 
 
 def image_name(j: int, n_prompts: int) -> str:
@@ -376,7 +386,7 @@ def settings(cfg: GenerateConfig, prompts: list) -> dict:
 def _outputs(out: Path) -> list:
     """The files generate.py writes in a folder (what --overwrite deletes; an LLM's prompts.txt is kept)."""
     files = [out / "config.json", out / "manifest.jsonl", *out.glob("manifest.part*.jsonl"),
-             *(out / "images").glob("*.png")]
+             *(out / "images").glob("*.png"), *(out / TRUTH_DIR).glob("*.png")]
     return [p for p in files if p.is_file()]
 
 
@@ -468,7 +478,10 @@ def generate(cfg: GenerateConfig, pipe=None) -> dict:
                                                   "settings": settings(cfg, prompts)}, indent=2) + "\n")
 
     mine = [j for j in range(cfg.num_images) if j % shards == me]  # interleaved sharding (module docstring)
-    todo = [j for j in mine if not (out / "images" / image_name(j, len(prompts))).is_file()]
+    todo = [j for j in mine if not (out / "images" / image_name(j, len(prompts))).is_file()
+            or (cfg.backend == "toy" and not (out / TRUTH_DIR / image_name(j, len(prompts))).is_file())]
+    if cfg.backend == "toy":
+        (out / TRUTH_DIR).mkdir(exist_ok=True)
     part_file = out / f"manifest.part{me}.jsonl"
     if todo and cfg.backend == "diffusers":
         pipe = pipe if pipe is not None else load_pipeline(cfg)
@@ -487,8 +500,10 @@ def generate(cfg: GenerateConfig, pipe=None) -> dict:
             for start in range(0, len(todo), cfg.batch_size):
                 batch = todo[start:start + cfg.batch_size]
                 texts = [prompts[j % len(prompts)] for j in batch]  # §6.2: prompts cycled, prompt k = j mod n
-                images = render_batch(cfg, pipe, texts, [cfg.base_seed + j for j in batch])
-                for j, image in zip(batch, images):
+                images, truths = render_batch(cfg, pipe, texts, [cfg.base_seed + j for j in batch])
+                for i, (j, image) in enumerate(zip(batch, images)):
+                    if truths is not None:  # before the image, whose presence marks image j as done
+                        _write_png(out / TRUTH_DIR / image_name(j, len(prompts)), truths[i])
                     _write_png(out / "images" / image_name(j, len(prompts)), image)
                     manifest.write(json.dumps(_record(cfg, j, prompts, scheduler)) + "\n")  # after the image exists
                     manifest.flush()

@@ -8,6 +8,7 @@ per-class union of the masks is the refined pseudo label.
 Usage (offline refinement of saved teacher labels; training calls `pseudo_label_target` online):
     python refine.py --images DIR --labels DIR --out DIR --sam vit_t --checkpoint weights/mobile_sam.pt
     python refine.py --images DIR --labels DIR --out DIR --sam toy --min-area 300       # ToyCity, no weights
+    python refine.py --score-labels DIR --truth GEN/truth     # pseudo-label quality vs ToyCity's hidden labels
 
 A "point predictor" is any object with `set_image(image uint8 (H,W,3))` and
 `predict_points(points (P,K,2) xy, multimask=True) -> (masks bool (P,M,H,W), scores (P,M))`:
@@ -339,6 +340,78 @@ def label_map(classes, masks, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     return torch.where(masks.any(0), classes.to(masks.device).long()[last], out)
 
 
+# ---- pseudo-label quality against a hidden truth (ToyCity, issue 18) ----
+
+def label_confusion(pred, truth, num_classes: int = NUM_CLASSES, ignore_index: int = IGNORE_INDEX):
+    """Pixel counts of a pseudo label against the true label, on the tensors' device, without a host sync.
+
+    Args:
+        pred: integer (...) pseudo-label map (teacher argmax or refined): train ids, ignore_index = dropped (no label).
+        truth: integer (...) same shape: the true train ids; ignore_index pixels are not scored.
+        Any integer dtype, numpy or tensors on any (one) device.
+    Returns:
+        int64 (C, C + 1) on pred's device: rows = true class, columns 0..C-1 = predicted class, column C = "dropped"
+        (the prediction left the pixel at ignore_index). Only pixels whose truth is a class in [0, C) are counted, so
+        the sum is the number of scored pixels. A prediction outside [0, C) that is not ignore_index also counts as
+        dropped (it names no class; this keeps the function free of a validity check, i.e. of a sync). Matrices add:
+        the sum over images is the folder's.
+    """
+    pred, truth = torch.as_tensor(pred), torch.as_tensor(truth)
+    if pred.shape != truth.shape:
+        raise ValueError(f"pseudo label shape {tuple(pred.shape)} != truth shape {tuple(truth.shape)}")
+    if pred.is_floating_point() or truth.is_floating_point():
+        raise ValueError(f"integer label maps expected, got {pred.dtype} pseudo label and {truth.dtype} truth "
+                         f"(take the argmax over classes first)")
+    C = num_classes
+    pred, truth = pred.reshape(-1).long(), truth.to(pred.device).reshape(-1).long()
+    column = torch.where((pred >= 0) & (pred < C), pred, C)                   # (N,) predicted class or C = dropped
+    scored = (truth >= 0) & (truth < C)                                        # truth ignore_index (or junk): skipped
+    index = torch.where(scored, truth * (C + 1) + column, C * (C + 1))         # the last bin collects skipped pixels
+    counts = torch.zeros(C * (C + 1) + 1, dtype=torch.int64, device=pred.device)
+    counts.index_add_(0, index, torch.ones_like(index))
+    return counts[:-1].view(C, C + 1)
+
+
+def label_quality(confusion, class_names=None) -> dict:
+    """Scores of a label_confusion matrix (C, C + 1), as fractions in [0, 1] (one host transfer).
+
+    Dropped pixels (the last column) are never rewarded: refinement that drops what it is unsure of must not look
+    better for it. Hence two views:
+        mIoU: mean over the classes with at least one true pixel (evaluate.py's convention: classes absent from the
+            truth are left out, even when predicted) of TP / (true + predicted - TP), where a dropped pixel counts as
+            a miss of its true class (strict: dropping lowers recall).
+        mIoU_kept: the same on the kept pixels only (dropped pixels left out of the truth too): the quality of what
+            the label does say. Classes whose true pixels were all dropped are left out.
+        acc: correct / kept pixels (pixel accuracy over the labelled pixels).
+        dropped: dropped / scored pixels (the share left at ignore; 0 for a teacher argmax).
+        IoU: {class name: IoU (strict, as mIoU)}; NaN for a class neither true nor predicted, 0 for a class predicted
+            but absent from the truth (as evaluate.compute_metrics).
+        pixels: scored pixels (true class in [0, C)); kept = pixels * (1 - dropped).
+    No scored pixel: every score is NaN.
+    """
+    conf = torch.as_tensor(confusion).detach().cpu().to(torch.float64)
+    C = conf.shape[0]
+    if conf.shape != (C, C + 1):
+        raise ValueError(f"expected a (C, C + 1) label_confusion matrix, got {tuple(conf.shape)}")
+    names = class_names or tuple(str(c) for c in range(C))  # data.CLASSES for the 19 train ids
+    nan = float("nan")
+
+    def mean_iou(kept, n_true):  # kept (C, C) counts; n_true (C,) true pixels (with or without the dropped ones)
+        tp = kept.diag()
+        iou = tp / (n_true + kept.sum(0) - tp)                                 # 0/0 = NaN: neither true nor predicted
+        present = n_true > 0
+        return iou, (float(iou[present].mean()) if present.any() else nan)
+
+    kept = conf[:, :C]
+    iou, miou = mean_iou(kept, conf.sum(1))                                    # strict: a dropped pixel is a miss
+    _, miou_kept = mean_iou(kept, kept.sum(1))                                 # kept: dropped pixels left out
+    total, n_kept = float(conf.sum()), float(kept.sum())
+    return {"mIoU": miou, "mIoU_kept": miou_kept,
+            "acc": float(kept.diag().sum()) / n_kept if n_kept else nan,
+            "dropped": float(conf[:, C].sum()) / total if total else nan,
+            "IoU": {name: float(v) for name, v in zip(names, iou)}, "pixels": int(total)}
+
+
 # ---- CLI ----
 
 def _save_png(path: Path, array: np.ndarray):
@@ -347,6 +420,7 @@ def _save_png(path: Path, array: np.ndarray):
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+SCORE_FILE = "label_quality.json"  # written by --score-labels DIR into DIR
 VALID_IDS = np.zeros(256, bool)
 VALID_IDS[:NUM_CLASSES] = VALID_IDS[IGNORE_INDEX] = True  # train ids {0..18} and ignore
 
@@ -466,12 +540,19 @@ def parse_args(argv=None):
     from runtools import cli  # the CLI only: refine's functions need nothing but ops.py
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--images", required=True, help="folder of RGB images (png/jpg), e.g. generate.py's "
-                                                        "DIR/images")
-    parser.add_argument("--labels", required=True, help="folder of teacher train-id PNGs, <stem>.png or "
-                                                        "<stem>_labelTrainIds.png (values 0..18, 255 = ignore)")
-    parser.add_argument("--out", required=True, help="output folder: <stem>.png refined train ids, <stem>_vis.png "
-                                                     "panels, refine_config.json")
+    parser.add_argument("--images", help="folder of RGB images (png/jpg), e.g. generate.py's DIR/images "
+                                         "(required to refine)")
+    parser.add_argument("--labels", help="folder of teacher train-id PNGs, <stem>.png or <stem>_labelTrainIds.png "
+                                         "(values 0..18, 255 = ignore) (required to refine)")
+    parser.add_argument("--out", help="output folder: <stem>.png refined train ids, <stem>_vis.png panels, "
+                                      "refine_config.json (required to refine)")
+    parser.add_argument("--score-labels", metavar="DIR", default=None,
+                        help="score mode, instead of refining: compare the train-id PNGs of DIR (teacher or refined "
+                             "pseudo labels, <stem>.png; *_vis.png skipped) with --truth; prints per-class IoU, "
+                             f"mIoU, acc and the dropped share, writes DIR/{SCORE_FILE}")
+    parser.add_argument("--truth", metavar="DIR", default=None,
+                        help="with --score-labels: folder of the true train-id PNGs, <stem>.png or "
+                             "<stem>_labelTrainIds.png (e.g. generate.py --backend toy's OUT/truth)")
     parser.add_argument("--sam", default="vit_t", choices=PREDICTORS,
                         help="point predictor: vit_t = MobileSAM (official), vit_h/vit_l/vit_b = SAM, toy = offline "
                              "ToyCity stand-in (no weights)")
@@ -482,11 +563,21 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="points of image <stem> use seed ^ crc32(stem)")
     flag = argparse.BooleanOptionalAction
     parser.add_argument("--overwrite", action=flag, default=False, help="replace the outputs of an --out folder made "
-                        "with other settings (otherwise refused); without it a rerun with the same settings resumes")
+                        "with other settings (otherwise refused); without it a rerun with the same settings resumes. "
+                        f"With --score-labels: replace an existing {SCORE_FILE}")
     parser.add_argument("--progress", action=flag, default=True, help="progress bar")
     parser.add_argument("--debug", action=flag, default=False, help="show the Python traceback of an error")
     cli.add_dataclass_flags(parser, RefineConfig)
     args = parser.parse_args(argv)
+    if args.score_labels is None:
+        missing = [f"--{k}" for k in ("images", "labels", "out") if getattr(args, k) is None]
+        if missing or args.truth is not None:
+            parser.error(f"the following arguments are required: {', '.join(missing)} (to score labels instead: "
+                         f"--score-labels DIR --truth DIR)" if missing else
+                         "--truth goes with --score-labels DIR (score mode); to refine, drop --truth")
+    elif args.truth is None or any(getattr(args, k) is not None for k in ("images", "labels", "out")):
+        parser.error("--score-labels DIR needs --truth DIR and takes no --images, --labels or --out (it scores "
+                     "existing labels, it does not refine)")
     cfg = RefineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RefineConfig)})
     return args, cfg
 
@@ -499,7 +590,7 @@ def run_config(args, cfg: RefineConfig) -> dict:
 
 def _outputs(out: Path) -> list:
     """The files of a refine.py output folder (what --overwrite removes)."""
-    names = [out / "refine_config.json", *out.glob("*.png")]
+    names = [out / "refine_config.json", out / SCORE_FILE, *out.glob("*.png")]  # a score of old labels is stale
     return [p for p in names if p.is_file()]
 
 
@@ -565,6 +656,8 @@ def _run(argv):
     from runtools import files
 
     args, cfg = parse_args(argv)
+    if args.score_labels is not None:
+        return score_labels(args)
     pairs, problems = preflight(args, cfg)
     if problems:
         raise ValueError(f"{len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
@@ -600,6 +693,95 @@ def _run(argv):
     summary["mean_coverage"] = float(np.mean(cov)) if cov else None
     print(json.dumps(summary))
     return summary
+
+
+# ---- CLI: scoring pseudo labels against the truth ----
+
+def _label_stem(path: Path) -> str:
+    name = path.name[:-len(".png")]
+    return name[:-len("_labelTrainIds")] if name.endswith("_labelTrainIds") else name
+
+
+def _png_size(path: Path):
+    from PIL import Image
+    with Image.open(path) as im:
+        return im.height, im.width
+
+
+def score_preflight(args) -> tuple:
+    """Every problem with --score-labels / --truth, each naming its flag -> (pairs [(label, truth)], problems)."""
+    labels_dir, truth_dir = Path(args.score_labels), Path(args.truth)
+    problems, labels = [], []
+    if not labels_dir.is_dir():
+        problems.append(f"--score-labels {labels_dir} is not a folder; expected a folder of train-id PNGs "
+                        f"<stem>.png (e.g. refine.py's --out, or teacher labels)")
+    else:
+        labels = sorted(p for p in labels_dir.glob("*.png") if not p.name.endswith("_vis.png"))
+        if not labels:
+            problems.append(f"--score-labels {labels_dir} holds no <stem>.png label (only *_vis.png panels or "
+                            f"nothing); pass the folder of train-id PNGs")
+    if not truth_dir.is_dir():
+        problems.append(f"--truth {truth_dir} is not a folder; expected the true train-id PNGs <stem>.png (generate.py "
+                        f"--backend toy writes them to OUT/truth)")
+    if problems:
+        return [], problems
+    pairs = [(p, _find_label(truth_dir, _label_stem(p))) for p in labels]
+    missing = [p for p, t in pairs if t is None]
+    if len(missing) == len(pairs):
+        return [], [f"no label of --score-labels {labels_dir} has a truth in --truth {truth_dir}: expected "
+                    f"{truth_dir / (_label_stem(labels[0]) + '.png')} for {labels[0].name} (same stems); found "
+                    f"{len(list(truth_dir.glob('*.png')))} PNGs there. Pass the --truth folder of these images"]
+    if missing:
+        problems.append(f"{len(missing)} of {len(pairs)} labels of --score-labels {labels_dir} have no truth in "
+                        f"--truth {truth_dir}, e.g. {truth_dir / (_label_stem(missing[0]) + '.png')} for "
+                        f"{missing[0].name}; score a folder whose every label has its truth (move the others out)")
+    sizes = [(p, t, _png_size(p), _png_size(t)) for p, t in pairs if t is not None]
+    wrong = [(p, t, a, b) for p, t, a, b in sizes if a != b]
+    if wrong:
+        p, t, a, b = wrong[0]
+        problems.append(f"{len(wrong)} label(s) differ in size from their truth, e.g. {p} is {a[0]}x{a[1]} but {t} "
+                        f"is {b[0]}x{b[1]} (HxW); --score-labels and --truth must hold labels of the same images at "
+                        f"the same size")
+    out = labels_dir / SCORE_FILE
+    if out.exists() and not args.overwrite:
+        problems.append(f"{out} exists (an earlier score); add --overwrite to replace it")
+    return pairs, problems
+
+
+def format_quality(quality: dict) -> str:
+    """Per-class IoU (classes true or predicted) then mIoU, mIoU_kept, acc, dropped share, in %."""
+    pct = lambda v: "-" if v != v else f"{100 * v:6.2f}"  # noqa: E731  (NaN -> "-")
+    lines = [f"{'class':<14} IoU %"] + [f"{name:<14} {pct(v)}" for name, v in quality["IoU"].items() if v == v]
+    lines.append(f"mIoU {pct(quality['mIoU'])} (dropped = miss) | mIoU_kept {pct(quality['mIoU_kept'])} | "
+                 f"acc {pct(quality['acc'])} (of kept pixels) | dropped {pct(quality['dropped'])} "
+                 f"(of {quality['pixels']} scored pixels)")
+    return "\n".join(lines)
+
+
+def score_labels(args) -> dict:
+    """--score-labels DIR --truth DIR: the summed label_confusion of every pair -> label_quality, printed and written
+    to DIR/label_quality.json (atomically; an existing one only with --overwrite)."""
+    from tqdm import tqdm
+
+    import data  # the CLI only: the class names
+    from runtools import files
+    pairs, problems = score_preflight(args)
+    if problems:
+        raise ValueError(f"{len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
+    conf = torch.zeros(NUM_CLASSES, NUM_CLASSES + 1, dtype=torch.int64)
+    for label_path, truth_path in tqdm(pairs, desc="score", disable=not args.progress):
+        truth = _read_label(truth_path, _png_size(truth_path))
+        conf += label_confusion(_read_label(label_path, truth.shape), truth)
+    quality = label_quality(conf, data.CLASSES)
+    clean = lambda v: None if isinstance(v, float) and v != v else v  # noqa: E731  (JSON has no NaN)
+    record = {"labels": str(Path(args.score_labels).absolute()), "truth": str(Path(args.truth).absolute()),
+              "images": len(pairs), **{k: clean(v) for k, v in quality.items() if k != "IoU"},
+              "IoU": {k: clean(v) for k, v in quality["IoU"].items()}, "confusion": conf.tolist(),
+              "confusion_note": "rows true class, columns predicted class, last column dropped (255)"}
+    out = Path(args.score_labels) / SCORE_FILE
+    files.write_json(record, out, allow_nan=False)
+    print(format_quality(quality))
+    return {**record, "out": str(out)}
 
 
 def main(argv=None) -> dict:

@@ -38,6 +38,7 @@ BUDGET = f"{STRICT}::test_sync_budget_of_a_joint_iteration"
 EMUL = "tests/test_emulation.py"
 CC_CU = "csrc/connected_components_cuda.cu"
 SANITIZE = "python csrc/emulation/sanitize.py"
+REFINE_Q = "tests/test_refine.py::test_label_quality"
 
 # (name, file, old, new, test files or node ids)
 MUTATIONS = [
@@ -182,6 +183,33 @@ MUTATIONS = [
     ("points_cuda_unchecked_candidates", "csrc/sample_points.cpp",  # F3: the CPU op's checks, on the CUDA path too
      "  if (h[0] < 0 || h[1] >= num_components || h[2]) candidate_slots(", "  if (false) candidate_slots(",
      (f"{EMUL}::test_emul_points_reject_what_cpu_rejects",)),
+    # ---- refine.py, data.py, generate.py: pseudo-label quality against ToyCity's hidden truth (issue 18) ----
+    ("quality_dropped_counted_as_class_0", "refine.py",  # a dropped (255) pixel names no class
+     "column = torch.where((pred >= 0) & (pred < C), pred, C)", "column = torch.where(pred < C, pred, 0)",
+     (f"{REFINE_Q}_hand_computed", f"{REFINE_Q}_matches_brute_force")),
+    ("quality_class_range_off_by_one", "refine.py",  # classes are 0..C-1 (class 0 is a class, not dropped)
+     "column = torch.where((pred >= 0) & (pred < C), pred, C)",
+     "column = torch.where((pred > 0) & (pred < C), pred, C)", (f"{REFINE_Q}_matches_brute_force",)),
+    ("quality_ignored_truth_scored", "refine.py",  # truth 255 is not scored
+     "scored = (truth >= 0) & (truth < C)", "scored = truth >= 0", (f"{REFINE_Q}_hand_computed",)),
+    ("quality_dropped_not_a_miss", "refine.py",  # strict mIoU: a dropped pixel is a miss of its true class
+     "iou, miou = mean_iou(kept, conf.sum(1))", "iou, miou = mean_iou(kept, kept.sum(1))",
+     (f"{REFINE_Q}_hand_computed",)),
+    ("quality_mean_over_predicted_classes", "refine.py",  # evaluate.py: classes absent from the truth left out
+     "present = n_true > 0", "present = (n_true + kept.sum(0)) > 0", (f"{REFINE_Q}_hand_computed",)),
+    ("quality_acc_over_all_scored_pixels", "refine.py",  # acc is over the kept (labelled) pixels
+     '"acc": float(kept.diag().sum()) / n_kept if n_kept else nan,',
+     '"acc": float(kept.diag().sum()) / total if n_kept else nan,', (f"{REFINE_Q}_hand_computed",)),
+    ("truth_not_flipped_with_the_image", "data.py",  # the truth must stay aligned with the teacher's clean image
+     'maps = {k: sample[k] for k in ("label", "truth") if k in sample}', 'maps = {"label": sample["label"]}',
+     ("tests/test_data.py::test_every_transform_moves_the_hidden_truth_like_the_label",
+      "tests/test_generate.py::test_toy_writes_the_hidden_truth_that_training_never_reads")),
+    ("truth_listed_as_images", "data.py",  # truth/*.png must never be read as generated images
+     'images = _glob(image_dir, ".png", recursive=False)', 'images = _glob(root, ".png", recursive=True)',
+     ("tests/test_generate.py::test_toy_writes_the_hidden_truth_that_training_never_reads",)),
+    ("truth_read_as_the_label", "data.py",  # training reads "label": it must stay all ignore for generated images
+     'sample["truth"] = torch.from_numpy(truth)', 'sample["truth"] = sample["label"] = torch.from_numpy(truth)',
+     ("tests/test_generate.py::test_toy_writes_the_hidden_truth_that_training_never_reads",)),
 ]
 
 

@@ -492,6 +492,22 @@ def test_generated_transform():
                            else s["label"])
 
 
+def test_every_transform_moves_the_hidden_truth_like_the_label():
+    """A generated image's sample["truth"] (metrics only) gets exactly the label's geometry in every transform, the
+    same random draws (so the image and label are those of the sample without truth), and stays apart from "label"."""
+    rng = np.random.default_rng(0)
+    s = _sample(rng, 16, 24, encode=True)
+    s["label"] = s["label"].to(torch.uint8)
+    with_truth = {**s, "truth": s["label"].clone()}
+    for t in (data.TrainTransform(crop_size=20, scale_range=(0.5, 2.0)), data.GeneratedTransform(),
+              data.TestTransform(short_side=40)):
+        for seed in range(6):
+            a, b = t(s, np.random.default_rng(seed)), t(with_truth, np.random.default_rng(seed))
+            assert "truth" not in a and set(b) == set(a) | {"truth"}
+            assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+            assert torch.equal(b["truth"], b["label"]) and b["truth"].dtype == torch.uint8
+
+
 def test_test_transform_short_side():
     assert data.shortest_edge_size(720, 1280) == (1024, 1820)  # §8.1 table: BDD, ACDC
     assert data.shortest_edge_size(2448, 3264) == (1024, 1365)  # Mapillary

@@ -1,6 +1,7 @@
 """Tests of generate.py: prompts, LLM output parsing, a tiny random-init SD pipeline, resume and sharding (toy)."""
 import gzip
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -137,8 +138,8 @@ def test_missing_model_offline_error(tmp_path):
 
 # ---- toy backend: resume and sharding ----
 
-def snapshot(out):
-    return {p.name: p.read_bytes() for p in sorted((out / "images").iterdir())}
+def snapshot(out, folder="images"):
+    return {p.name: p.read_bytes() for p in sorted((out / folder).iterdir())}
 
 
 def toy_args(out, n=7):
@@ -183,7 +184,7 @@ def test_toy_resume_and_sharding_give_identical_files(tmp_path, monkeypatch):
     check_manifest(tmp_path / "ranks", n)
 
     # interrupted after 3 images (plus a torn manifest line), then resumed
-    render, calls = city.render, []
+    render, calls = city.render_with_label, []
 
     def flaky(prompt, seed, size=(192, 192)):
         if len(calls) == 3:
@@ -191,16 +192,17 @@ def test_toy_resume_and_sharding_give_identical_files(tmp_path, monkeypatch):
         calls.append(seed)
         return render(prompt, seed, size=size)
 
-    monkeypatch.setattr(city, "render", flaky)
+    monkeypatch.setattr(city, "render_with_label", flaky)
     with pytest.raises(KeyboardInterrupt):
         generate.main(toy_args(tmp_path / "resumed", n))
-    monkeypatch.setattr(city, "render", render)
+    monkeypatch.setattr(city, "render_with_label", render)
     assert len(list((tmp_path / "resumed" / "images").iterdir())) == 3
     with open(tmp_path / "resumed" / "manifest.part0.jsonl", "a") as f:
         f.write('{"index": 5, "prompt": "A photo of')  # torn line of a killed process
     s = generate.main(toy_args(tmp_path / "resumed", n))
     assert s["written"] == n - 3 and s["skipped"] == 3
     assert snapshot(tmp_path / "resumed") == ref
+    assert snapshot(tmp_path / "resumed", generate.TRUTH_DIR) == snapshot(tmp_path / "full", generate.TRUTH_DIR)
     check_manifest(tmp_path / "resumed", n)
     assert not list((tmp_path / "resumed").rglob("*.tmp"))
 
@@ -262,13 +264,56 @@ def test_refuses_other_settings_and_overwrite_replaces(tmp_path, capsys):
     assert "no config.json" in fail(toy_args(tmp_path / "foreign", 2), capsys)
 
 
+def test_toy_writes_the_hidden_truth_that_training_never_reads(tmp_path, capsys):
+    """Issue 18: DIR/truth/<stem>.png is each toy image's true label (what the pseudo labels are scored against). The
+    generated dataset lists only images/ (never truth/ as an image), its "label" stays all ignore, and the truth
+    travels as sample["truth"], flipped with the clean image the teacher sees."""
+    import data
+    from toyworld import city
+    out, n = tmp_path / "g", 4
+    generate.main(toy_args(out, n))
+    prompts = generate.read_prompts(generate.DEFAULT_PROMPTS)
+    for j in range(n):
+        with Image.open(out / generate.TRUTH_DIR / f"im_{j}_p{j}.png") as im:
+            assert im.mode == "L"
+            truth = np.asarray(im)
+        image, expected = city.render_with_label(prompts[j], 3 + j, size=(40, 56))
+        assert np.array_equal(truth, expected) and (truth != 255).any()
+        assert np.array_equal(np.asarray(Image.open(out / "images" / f"im_{j}_p{j}.png")), image)
+    assert not list(out.rglob("*.tmp"))
+    assert generate.TRUTH_DIR == data.TRUTH_DIR
+
+    ds = data.build_dataset("generated", out, transform=data.GeneratedTransform())
+    assert [p.parent.name for p, label in ds.items] == ["images"] * n and all(lb is None for _, lb in ds.items)
+    flips = set()
+    for j in range(n):
+        for seed in range(3):
+            s = ds.get(j, np.random.default_rng(seed))
+            truth = torch.from_numpy(np.array(Image.open(out / generate.TRUTH_DIR / f"{s['name']}.png")))
+            raw = torch.from_numpy(np.array(Image.open(s["path"]))).permute(2, 0, 1)
+            flipped = torch.equal(s["image"], raw.flip(-1)) and not torch.equal(raw, raw.flip(-1))
+            assert torch.equal(s["image"], raw.flip(-1) if flipped else raw)
+            assert torch.equal(s["truth"], truth.flip(-1) if flipped else truth)  # same geometry as "image"
+            assert s["truth"].dtype == torch.uint8 and (s["label"] == 255).all()   # training's label: all ignore
+            flips.add(flipped)
+    assert flips == {True, False}
+
+    (out / generate.TRUTH_DIR / "im_1_p1.png").unlink()  # a folder with a lost truth file: regenerated
+    assert generate.main(toy_args(out, n))["written"] == 1 and (out / generate.TRUTH_DIR / "im_1_p1.png").is_file()
+    generate.main(toy_args(out, 2) + ["--base-seed", "5", "--overwrite"])  # --overwrite removes the old truths
+    assert sorted(p.name for p in (out / generate.TRUTH_DIR).iterdir()) == ["im_0_p0.png", "im_1_p1.png"]
+    shutil.rmtree(out / generate.TRUTH_DIR)  # a folder without truth/ (Stable Diffusion): no "truth" key
+    assert "truth" not in data.build_dataset("generated", out, transform=data.GeneratedTransform())[0]
+
+
 def test_interrupted_folder_manifest_lists_exactly_the_files(tmp_path, monkeypatch):
     """However a run ends, what training loads (images/*.png) is what the manifest lists."""
     import data
     from toyworld import city
     out, render = tmp_path / "g", city.render
     monkeypatch.setattr(generate, "_write_png", lambda path, image, real=generate._write_png: (
-        real(path, image), None if path.name != "im_2_p2.png" else (_ for _ in ()).throw(KeyboardInterrupt)))
+        real(path, image),
+        None if path.relative_to(out).as_posix() != "images/im_2_p2.png" else (_ for _ in ()).throw(KeyboardInterrupt)))
     with pytest.raises(KeyboardInterrupt):  # killed after writing image 2, before its manifest line
         generate.main(toy_args(out, 5))
     monkeypatch.undo()

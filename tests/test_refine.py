@@ -520,3 +520,157 @@ def test_help_has_text_choices_and_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "(default: 5000)" in text and "{random,interior}" in text and "{vit_t,vit_h,vit_l,vit_b,toy}" in text
     assert "--overwrite" in text and "--debug" in text and "weights/mobile_sam.pt" in text
+
+
+# ---- pseudo-label quality against the hidden truth (issue 18) ----
+
+def test_label_quality_hand_computed():
+    """3x4 maps, 4 classes, written out; every expected number below is counted by hand."""
+    truth = torch.tensor([[0, 0, 1, 1],
+                          [0, 2, 1, 255],
+                          [2, 2, 1, 1]])
+    pred = torch.tensor([[0, 3, 1, 1],        # (0,1): true 0 predicted 3, a class absent from the truth
+                         [0, 2, 255, 1],      # (1,2): true 1 dropped; (1,3): truth ignored, not scored
+                         [2, 0, 1, 255]])     # (2,1): true 2 predicted 0; (2,3): true 1 dropped
+    conf = refine.label_confusion(pred, truth, num_classes=4)
+    # rows true 0..3, columns predicted 0..3 then dropped; 11 scored pixels (12 minus the ignored truth pixel)
+    assert conf.dtype == torch.int64 and conf.tolist() == [[2, 0, 0, 1, 0],
+                                                           [0, 3, 0, 0, 2],
+                                                           [1, 0, 2, 0, 0],
+                                                           [0, 0, 0, 0, 0]]
+    q = refine.label_quality(conf)
+    # strict IoU = TP / (true incl. dropped + predicted - TP); predicted: class 0: 3, 1: 3, 2: 2, 3: 1
+    #   class 0: 2 / (3 + 3 - 2) = 1/2; class 1: 3 / (5 + 3 - 3) = 3/5; class 2: 2 / (3 + 2 - 2) = 2/3;
+    #   class 3: 0 / (0 + 1 - 0) = 0, but no true pixel: left out of the mean (evaluate.py's convention)
+    assert q["IoU"] == pytest.approx({"0": 1 / 2, "1": 3 / 5, "2": 2 / 3, "3": 0.0})
+    assert q["mIoU"] == pytest.approx((1 / 2 + 3 / 5 + 2 / 3) / 3)          # 53/90 = 0.5889
+    # kept view: the 2 dropped pixels leave the truth too; class 1: 3 / (3 + 3 - 3) = 1
+    assert q["mIoU_kept"] == pytest.approx((1 / 2 + 1 + 2 / 3) / 3)        # 13/18 = 0.7222
+    assert q["acc"] == pytest.approx(7 / 9)       # 7 correct of the 9 kept pixels (dropped ones are not "correct")
+    assert q["dropped"] == pytest.approx(2 / 11) and q["pixels"] == 11
+    # a teacher argmax drops nothing; numpy, uint8 and any device-free input work the same
+    argmax = torch.where(pred == 255, 1, pred).numpy().astype(np.uint8)  # the 2 dropped pixels become right
+    q = refine.label_quality(refine.label_confusion(argmax, truth, 4))
+    assert q["dropped"] == 0 and q["acc"] == pytest.approx(9 / 11) and q["mIoU"] == q["mIoU_kept"]
+    nothing = refine.label_quality(refine.label_confusion(pred, torch.full_like(truth, 255), 4))
+    assert nothing["pixels"] == 0 and all(np.isnan(nothing[k]) for k in ("mIoU", "mIoU_kept", "acc", "dropped"))
+    with pytest.raises(ValueError, match="shape"):
+        refine.label_confusion(pred[:2], truth)
+    with pytest.raises(ValueError, match="argmax"):
+        refine.label_confusion(pred.float(), truth)
+
+
+def brute_force_quality(pred, truth, C):
+    """Pixel by pixel, with sets: the definitions of label_quality written independently."""
+    scored = [(int(t), int(p)) for t, p in zip(truth.reshape(-1), pred.reshape(-1)) if 0 <= t < C]
+    kept = [(t, p) for t, p in scored if 0 <= p < C]
+    conf = np.zeros((C, C + 1), np.int64)
+    for t, p in scored:
+        conf[t, p if 0 <= p < C else C] += 1
+
+    def miou(pixels):  # mean over the true classes of |true & predicted| / |true | predicted|
+        ious = []
+        for c in range(C):
+            true_c = {i for i, (t, _) in enumerate(pixels) if t == c}
+            if true_c:
+                pred_c = {i for i, (_, p) in enumerate(pixels) if p == c}
+                ious.append(len(true_c & pred_c) / len(true_c | pred_c))
+        return float(np.mean(ious)) if ious else float("nan")
+
+    return conf, {"mIoU": miou(scored), "mIoU_kept": miou(kept),
+                  "acc": sum(t == p for t, p in kept) / len(kept), "dropped": 1 - len(kept) / len(scored)}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_label_quality_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    C, (h, w) = int(rng.integers(2, 20)), rng.integers(1, 24, 2)
+    truth = rng.integers(0, C, (h, w))
+    truth[rng.random((h, w)) < 0.2] = 255
+    pred = np.where(rng.random((h, w)) < 0.5, truth, rng.integers(0, C, (h, w)))   # half right, rest random
+    pred[rng.random((h, w)) < 0.15] = 255                                          # dropped
+    pred[rng.random((h, w)) < 0.05] = C + 3                                        # names no class: dropped too
+    truth[0, 0], pred[0, 0] = 0, 1                                                 # at least one scored pixel
+    conf, ref = brute_force_quality(pred, truth, C)
+    got = refine.label_confusion(torch.from_numpy(pred), torch.from_numpy(truth), num_classes=C)
+    assert np.array_equal(got.numpy(), conf)
+    q = refine.label_quality(got)
+    for key, value in ref.items():
+        assert q[key] == pytest.approx(value, nan_ok=True), key
+    a, b = refine.label_confusion(pred[: h // 2], truth[: h // 2], C), refine.label_confusion(pred[h // 2:],
+                                                                                             truth[h // 2:], C)
+    assert torch.equal(a + b, got)  # matrices add over images
+
+
+def score_folders(root, pairs):
+    """labels/ and truth/ of tiny PNGs: pairs {stem: (pseudo label, truth)} as uint8 arrays."""
+    from PIL import Image
+    for sub in ("labels", "truth"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for stem, (label, truth) in pairs.items():
+        Image.fromarray(np.asarray(label, np.uint8)).save(root / "labels" / f"{stem}.png")
+        Image.fromarray(np.asarray(truth, np.uint8)).save(root / "truth" / f"{stem}.png")
+    return ["--score-labels", str(root / "labels"), "--truth", str(root / "truth"), "--no-progress"]
+
+
+def test_score_labels_cli(tmp_path, capsys):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    pairs = {f"im_{j}_p{j}": (rng.choice([0, 1, 13, 255], (5, 7)), rng.choice([0, 1, 13, 255], (5, 7)))
+             for j in range(3)}
+    args = score_folders(tmp_path, pairs)
+    Image.fromarray(np.zeros((5, 21, 3), np.uint8)).save(tmp_path / "labels" / "im_0_p0_vis.png")  # a refine panel
+    summary = refine.main(args)
+    conf = sum(refine.label_confusion(label, truth) for label, truth in pairs.values())
+    q = refine.label_quality(conf, data.CLASSES)
+    saved = json.loads((tmp_path / "labels" / refine.SCORE_FILE).read_text())
+    assert saved["images"] == 3 and saved["confusion"] == conf.tolist() and summary["out"].endswith(refine.SCORE_FILE)
+    for key in ("mIoU", "mIoU_kept", "acc", "dropped", "pixels"):
+        assert saved[key] == pytest.approx(q[key])
+    assert saved["IoU"]["car"] == pytest.approx(q["IoU"]["car"]) and saved["IoU"]["bus"] is None  # NaN -> null
+    out = capsys.readouterr().out
+    assert "car" in out and "bus" not in out and f"mIoU {100 * q['mIoU']:6.2f}" in out and "dropped" in out
+    assert not list(tmp_path.rglob("*.tmp"))
+
+    before = (tmp_path / "labels" / refine.SCORE_FILE).read_bytes()
+    msg = fail(refine.main, args, capsys)  # never overwritten without --overwrite
+    assert refine.SCORE_FILE in msg and "--overwrite" in msg
+    assert (tmp_path / "labels" / refine.SCORE_FILE).read_bytes() == before
+    assert refine.main(args + ["--overwrite"])["images"] == 3
+
+    msg = fail(refine.main, ["--score-labels", str(tmp_path / "nope"), "--truth", str(tmp_path / "nor")], capsys)
+    assert "--score-labels" in msg and "nope" in msg and "--truth" in msg and "nor" in msg and "2 problem(s)" in msg
+    msg = fail(refine.main, ["--score-labels", str(tmp_path / "labels"), "--truth", str(tmp_path)], capsys)
+    assert "no label of --score-labels" in msg and "im_0_p0.png" in msg and "same stems" in msg
+    Image.fromarray(np.zeros((6, 7), np.uint8)).save(tmp_path / "truth" / "im_1_p1.png")
+    (tmp_path / "truth" / "im_2_p2.png").unlink()
+    msg = fail(refine.main, args + ["--overwrite"], capsys)
+    assert "1 of 3 labels" in msg and "im_2_p2.png" in msg and "5x7" in msg and "6x7" in msg
+    assert "2 problem(s)" in msg
+    for argv in (args[:2], args + ["--images", "x"], ["--truth", "x", "--images", "a", "--labels", "b", "--out", "c"],
+                 ["--labels", "b"]):
+        with pytest.raises(SystemExit) as err:  # argparse usage errors name the flags of the other mode
+            refine.main(argv)
+        assert err.value.code == 2 and "--score-labels" in capsys.readouterr().err
+
+
+def test_bench_pseudo_labels_runs_on_a_tiny_folder(tmp_path):
+    """bench/bench_pseudo_labels.py (the toy-SAM fairness table) on 2 small ToyCity images: every row is scored, the
+    truth as teacher scores 100%, and the corruption levels are ordered."""
+    import importlib.util
+    from pathlib import Path
+    import generate
+    spec = importlib.util.spec_from_file_location("bench_pseudo_labels",
+                                                  Path(__file__).parents[1] / "bench" / "bench_pseudo_labels.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    generate.main(["--out", str(tmp_path), "--backend", "toy", "--num-images", "2", "--height", "64", "--width", "80",
+                   "--no-progress"])
+    result = bench.run(tmp_path, 2)
+    q = result["quality"]
+    assert list(q) == ["truth", "mild", "medium", "strong"] and result["images"] == 2
+    assert q["truth"]["teacher"]["mIoU"] == q["truth"]["teacher"]["acc"] == 1.0 == 1 - q["truth"]["teacher"]["dropped"]
+    assert q["mild"]["teacher"]["acc"] > q["strong"]["teacher"]["acc"]
+    assert all(0 <= row["refined"]["dropped"] <= 1 and row["teacher"]["dropped"] == 0 for row in q.values())
+    assert result["oracle_iou"] and all(0 <= v <= 1 for v in result["oracle_iou"])
+    assert "| strong |" in bench.format_table(result)

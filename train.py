@@ -253,6 +253,7 @@ class RunState:
     last: Path                                   # OUT/last.pt of this phase
     saved: Optional[int] = None                  # iteration of the latest last.pt of this phase; None: not written
     records: Optional[list] = None               # the 4 latest (image, teacher, refined) labels for the PNG
+    pseudo_conf: Optional[torch.Tensor] = None   # (2, C, C + 1) teacher / refined label_confusion vs the hidden truth
     ema_source: Optional[nn.Module] = None       # what the teacher averages: None = the head; EMASource (--tuning)
 
 
@@ -289,7 +290,7 @@ def train_step(state, batch, it):
     gen = [s for s in batch if s["generated"]]
     teacher_labels, pseudo = pseudo_targets(model, state.teacher, gen, state.predictor, state.refine_cfg, device,
                                             clock) if gen else ([], [])  # 3.
-    runs.keep_records(state, gen, teacher_labels, pseudo)  # the 4 latest, for pseudo_labels.png
+    runs.record_pseudo_labels(state, gen, teacher_labels, pseudo)  # pseudo_labels.png; quality vs hidden truth
     targets = mixed_targets(batch, iter(pseudo), tuple(images.shape[-2:]), device)  # 4.
     outputs = state.student(images)
     runs.check_outputs(state, outputs, it)  # before the matcher: scipy's Hungarian solver dies on NaN costs
@@ -403,10 +404,14 @@ def build_state(cfg, phase, model, env, inputs, last, max_iter) -> RunState:
     if joint:  # Sec. 3.3: the EMA teacher copies the head only; the backbone is shared (frozen in the official code)
         source = EMASource(model) if tunes else None  # a tuned adapter is averaged too (issue 19)
         teacher = copy.deepcopy(model.sem_seg_head if source is None else source).requires_grad_(False).eval()
+    # ToyCity's generated images carry their hidden true labels (never targets): pseudo-label quality is measured
+    truths = joint and any(t is not None for t in getattr(inputs["generated"], "truths", ()) or ())
+    conf = torch.zeros(2, refine.NUM_CLASSES, refine.NUM_CLASSES + 1, dtype=torch.int64, device=env.device)
     return RunState(cfg=cfg, phase=phase, model=model, student=student, teacher=teacher, params=params,
                     optimizer=optimizer, scheduler=scheduler, device=env.device, rank=env.rank, world=env.world,
                     predictor=inputs["predictor"] if joint else None, refine_cfg=inputs["refine_cfg"],
-                    generator=torch.Generator(device=env.device), last=last, ema_source=source)
+                    generator=torch.Generator(device=env.device), last=last, ema_source=source,
+                    pseudo_conf=conf if truths else None)
 
 
 def run_phase(cfg, phase, model, env, inputs, out_dir) -> dict:
@@ -486,7 +491,7 @@ def phase_loop(state, loader, env, inputs, log, say, start, max_iter, paths) -> 
             bar.set_postfix(loss=f"{stats['loss']:.3f}")
             if done % cfg.log_every == 0 or done == max_iter:
                 mean = {k: sum(s[k] for s in window) / len(window) for k in window[0]}
-                log.write({"phase": phase, "iter": done, "lr": lr, **mean})
+                log.write({"phase": phase, "iter": done, "lr": lr, **mean, **runs.pseudo_label_quality(state)})
                 window = []
             results = runs.after_iteration(state, env, inputs, log, say, stop, done, max_iter, paths) or results
     except data.DataError as e:  # a bad file found when first drawn (the preflight's --check-images may sample)

@@ -582,24 +582,56 @@ class StepClock:
         return {**self.times, "time_iter": self.last - self.start, "cpu_iter": time.process_time() - self.cpu}
 
 
-def keep_records(state, samples, teacher_labels, targets):
-    """Keep the 4 latest (image uint8 (h, w, 3), teacher label, refined label) of the generated samples for
-    pseudo_labels.png (rank 0, with --plots). The labels stay on the device; plot_pseudo_labels copies them to the
-    host when it draws (at a save), so an iteration costs no transfer."""
-    if not samples or state.rank != 0 or not state.cfg.plots:
+def record_pseudo_labels(state, samples, teacher_labels, targets):
+    """What the run keeps of the generated samples' pseudo labels, without a host transfer:
+    - where a sample carries its hidden true label (ToyCity, sample["truth"]), the label_confusion of the teacher's
+      label and of the refined one against it, summed into state.pseudo_conf until the next log step;
+    - rank 0, with --plots: the 4 latest (image uint8 (h, w, 3), teacher label, refined label) for pseudo_labels.png
+      (the labels stay on the device; plot_pseudo_labels copies them when it draws, at a save)."""
+    keep = state.rank == 0 and state.cfg.plots
+    if not samples or (state.pseudo_conf is None and not keep):
         return
-    records = [(s["image"].permute(1, 2, 0).numpy(), label, refine.label_map(t["labels"], t["masks"]))
-               for s, label, t in zip(samples, teacher_labels, targets)]
-    state.records = (records + (state.records or []))[:4]
+    refined = [refine.label_map(t["labels"], t["masks"]) for t in targets]
+    if state.pseudo_conf is not None:
+        for s, teacher, ref in zip(samples, teacher_labels, refined):
+            if "truth" in s:
+                truth = s["truth"].to(state.device, non_blocking=True)
+                state.pseudo_conf[0] += refine.label_confusion(teacher, truth)
+                state.pseudo_conf[1] += refine.label_confusion(ref.to(state.device), truth)
+    if keep:
+        records = [(s["image"].permute(1, 2, 0).numpy(), teacher, ref)
+                   for s, teacher, ref in zip(samples, teacher_labels, refined)]
+        state.records = (records + (state.records or []))[:4]
+
+
+def pseudo_label_quality(state) -> dict:
+    """At a log step: the quality of the window's pseudo labels against the hidden truth (summed over the ranks),
+    as flat metrics.jsonl keys, then the counts restart. {} without hidden truth or without a scored pixel.
+    pseudo_teacher_mIoU / _acc: the teacher's argmax; pseudo_refined_mIoU (a dropped pixel counts as a miss), _acc (of
+    the pixels refinement kept) and pseudo_dropped (the share it left at ignore). Every rank must call it."""
+    if state.pseudo_conf is None:
+        return {}
+    conf = state.pseudo_conf.clone()
+    if state.world > 1:
+        dist.all_reduce(conf)
+    state.pseudo_conf.zero_()
+    teacher, refined = refine.label_quality(conf[0]), refine.label_quality(conf[1])
+    if not teacher["pixels"]:
+        return {}
+    return {"pseudo_teacher_mIoU": teacher["mIoU"], "pseudo_teacher_acc": teacher["acc"],
+            "pseudo_refined_mIoU": refined["mIoU"], "pseudo_refined_acc": refined["acc"],
+            "pseudo_dropped": refined["dropped"]}
 
 
 def plot_curves(metrics_path, png_path):
-    """Loss (left) and mIoU per evaluation set (right) against the iteration, from metrics.jsonl."""
+    """Loss, mIoU per evaluation set and, when the generated images have hidden truth (ToyCity), the pseudo labels'
+    quality (teacher vs refined mIoU, the share refinement dropped) against the iteration, from metrics.jsonl."""
     from matplotlib.figure import Figure
 
     records = read_metrics(metrics_path, say=lambda *a, **k: None)  # torn lines were reported at resume
-    fig = Figure(figsize=(10, 4))
-    ax_loss, ax_miou = fig.subplots(1, 2)
+    pseudo = [r for r in records if "pseudo_teacher_mIoU" in r]
+    fig = Figure(figsize=(15 if pseudo else 10, 4))
+    ax_loss, ax_miou, *ax_pseudo = fig.subplots(1, 3 if pseudo else 2)
     train = [r for r in records if "loss" in r]
     marker = "o" if len(train) < 3 else None  # a line of one point draws nothing
     ax_loss.plot([r["iter"] for r in train], [r["loss"] for r in train], label="total", marker=marker)
@@ -614,6 +646,13 @@ def plot_curves(metrics_path, png_path):
     ax_miou.set(xlabel="iteration", ylabel="mIoU (%)", title="evaluation")
     if evals:
         ax_miou.legend()
+    if pseudo:
+        ax, its, marker = ax_pseudo[0], [r["iter"] for r in pseudo], "o" if len(pseudo) < 3 else None
+        for key, label in (("pseudo_teacher_mIoU", "teacher mIoU"), ("pseudo_refined_mIoU", "refined mIoU"),
+                           ("pseudo_dropped", "dropped by refinement")):
+            ax.plot(its, [100 * r[key] for r in pseudo], label=label, marker=marker)
+        ax.set(xlabel="iteration", ylabel="%", title="pseudo labels vs hidden truth")
+        ax.legend()
     fig.tight_layout()
     files.atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=90))
 

@@ -141,8 +141,8 @@ MUTATIONS = [
      "    if cfg.allow_ops_fallback:\n        ops.fallback(problem)", "    if True:\n        ops.fallback(problem)",
      ("tests/test_gpu_path.py::test_cuda_build_failure_is_a_problem_with_the_first_compiler_error",)),
     ("label_crop_box_nearest", "data.py",  # finding 7: the label crop is exactly the crop of the rescaled label
-     "lbl = lbl[nearest_positions(H, size[0], y0, h)[:, None], nearest_positions(W, size[1], x0, w)[None, :]]",
-     "lbl = np.array(Image.fromarray(lbl).resize((w, h), Image.NEAREST, box=box))",
+     "rows, cols = nearest_positions(H, size[0], y0, h)[:, None], nearest_positions(W, size[1], x0, w)[None, :]",
+     "rows, cols = (np.arange(y0, y0 + h) * H // size[0])[:, None], (np.arange(x0, x0 + w) * W // size[1])[None, :]",
      ("tests/test_data.py::test_train_crop_is_the_crop_of_the_rescaled_sample",)),
     ("text_tower_moved_to_the_gpu", "clouds.py",  # finding 7: the CLIP text tower stays on the CPU
      "        if recurse and probe.device != torch.device(\"cpu\"):", "        if False:",
@@ -209,7 +209,12 @@ MUTATIONS = [
      ("tests/test_generate.py::test_toy_writes_the_hidden_truth_that_training_never_reads",)),
     ("truth_read_as_the_label", "data.py",  # training reads "label": it must stay all ignore for generated images
      'sample["truth"] = torch.from_numpy(truth)', 'sample["truth"] = sample["label"] = torch.from_numpy(truth)',
-     ("tests/test_generate.py::test_toy_writes_the_hidden_truth_that_training_never_reads",)),
+     ("tests/test_generate.py::test_toy_writes_the_hidden_truth_that_training_never_reads",
+      "tests/test_train.py::test_pseudo_label_quality_is_logged_and_the_hidden_truth_never_trains")),
+    ("refined_quality_scores_the_teacher", "runtools/runs.py",  # the refined column scores the refined labels
+     "state.pseudo_conf[1] += refine.label_confusion(ref.to(state.device), truth)",
+     "state.pseudo_conf[1] += refine.label_confusion(teacher, truth)",
+     ("tests/test_train.py::test_pseudo_label_quality_is_logged_and_the_hidden_truth_never_trains",)),
 ]
 
 

@@ -15,7 +15,7 @@ the CLI; the rest of the world sits beside it and imports no project file above 
 camera canvas, the things on a street), toyscene.py (the street layout), toypaint.py (segment map -> image).
 
 Usage:
-    python toycity.py --out datasets_toy [--seed 0] [--num-images N] [--workers W]
+    python -m toyworld.city --out datasets_toy [--seed 0] [--num-images N] [--workers W]
 """
 import argparse
 import io
@@ -308,7 +308,7 @@ def render(prompt: str, seed: int, size=(192, 192)) -> np.ndarray:
 
 @dataclass
 class BuildConfig:
-    """`python toycity.py` options; each field's `help` is its --flag's help text."""
+    """`python -m toyworld.city` options; each field's `help` is its --flag's help text."""
     out: str = field(default="datasets_toy", metadata={
         "help": "datasets root to write (gta5/, synthia/, cityscapes/, bdd10k/, mapillary_vistas/, acdc/)"})
     seed: int = field(default=0, metadata={
@@ -436,7 +436,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> dict:
-    """`python toycity.py --out DIR`: write every domain; returns {domain: images}. Bad inputs: one message on stderr
+    """`python -m toyworld.city --out DIR`: write every domain; returns {domain: images}. Bad inputs: one message on stderr
     and exit code 2 (the traceback with --debug)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser()
@@ -455,7 +455,7 @@ def main(argv=None) -> dict:
     except (ValueError, OSError, RuntimeError) as err:
         if "--debug" in argv:
             raise
-        print(f"toycity.py: error: {err}\n(add --debug for the traceback)", file=sys.stderr)
+        print(f"toyworld.city: error: {err}\n(add --debug for the traceback)", file=sys.stderr)
         raise SystemExit(2) from None
     print(", ".join(f"{d}: {n}" for d, n in counts.items()))
     return counts

@@ -3,7 +3,9 @@
 Warmup on toy GTA, then three joint runs from the same warmup weights: (a) source only, (b) generated images with
 self-training (no SAM), (c) generated images with toy-SAM refinement; every model is scored on the toy Cityscapes, BDD,
 Mapillary and ACDC val sets. The settings are train.py's toy recipe (runtools/train_config.py RECIPES["toy"], also
-`python train.py --recipe toy`).
+`python train.py --recipe toy`); train.py flags given on the command line win (e.g. --iters-warmup 20 for a smoke run).
+When the generated images carry ToyCity's hidden true labels, a second table scores the teacher's and the refined
+pseudo labels against them.
 
 Usage:
     python -m toyworld.demo                       # one seed (< 10 min on 2 cores); train.py's flags apply
@@ -22,12 +24,16 @@ import data
 import generate
 import train
 from runtools import files, runs, train_config
-from runtools.train_config import RECIPES, TOY, TOY_ITERS, TOY_ROOT, TOY_TARGETS
+from runtools.train_config import TOY_ROOT, TOY_TARGETS
 from toyworld import city
 
 DEMO_NUM_GENERATED = 40  # 40 x 2.0 / (40 x 2.0 + 200 toy GTA) = 28.6%, the official GTA rate (28.7%, docs/official_code.md)
 DEMO_ROWS = {"warmup": "warmup (source only)", "source_only": "+ joint, source only",
              "self_training": "+ generated, self-training (no SAM)", "refine": "+ generated + refinement (toy SAM)"}
+# pseudo-label quality columns (metrics.jsonl keys, runs.pseudo_label_quality): mean over the joint run's log steps
+PSEUDO_COLUMNS = {"pseudo_teacher_mIoU": "teacher mIoU", "pseudo_refined_mIoU": "refined mIoU",
+                  "pseudo_teacher_acc": "teacher acc", "pseudo_refined_acc": "refined acc (kept pixels)",
+                  "pseudo_dropped": "dropped"}
 
 
 def ensure_toy_data(root, progress=True):
@@ -46,20 +52,25 @@ def ensure_toy_data(root, progress=True):
 
 
 def run_ablation(cfg, out: Path, gen_dir: Path) -> tuple:
-    """Warmup, then the three joint runs from its weights, into out/<row>/ -> ({row: final eval}, {row: seconds})."""
-    base = replace(cfg, source="gta", resume=False, overwrite=True, **{**RECIPES["toy"], "data_root": TOY_ROOT})
-    configs = {"warmup": replace(base, phase="warmup", out=str(out / "warmup"), eval_every=TOY_ITERS["warmup"])}
+    """Warmup, then the three joint runs from its weights, into out/<row>/ -> ({row: final eval}, {row: pseudo-label
+    quality, % (the runs on generated images)}, {row: seconds})."""
+    base = replace(cfg, source="gta", resume=False, overwrite=True)  # cfg: the toy recipe under the flags given
+    configs = {"warmup": replace(base, phase="warmup", out=str(out / "warmup"), eval_every=cfg.iters_warmup)}
     joint = replace(base, phase="joint", weights=str(out / "warmup" / "model_final.pt"), synthetic=str(gen_dir))
     configs["source_only"] = replace(joint, out=str(out / "source_only"), p_gen=0.0, sam="none")
     configs["self_training"] = replace(joint, out=str(out / "self_training"), sam="none")
     configs["refine"] = replace(joint, out=str(out / "refine"), sam="toy")
-    results, seconds = {}, {}
+    results, quality, seconds = {}, {}, {}
     for name, run_cfg in configs.items():
         t0 = time.perf_counter()
         print(f"[demo] seed {cfg.seed}: {DEMO_ROWS[name]}")
         results[name] = train.train(run_cfg)["final"]
         seconds[name] = round(time.perf_counter() - t0, 1)
-    return results, seconds
+        logged = [r for r in runs.read_metrics(Path(run_cfg.out) / "metrics.jsonl") if "pseudo_teacher_mIoU" in r]
+        if logged:  # weighted by generated samples per log window
+            n = sum(r["n_gen"] for r in logged)
+            quality[name] = {k: 100 * sum(r[k] * r["n_gen"] for r in logged) / n for k in PSEUDO_COLUMNS}
+    return results, quality, seconds
 
 
 def run_demo(cfg, out, seeds: int = 1) -> dict:
@@ -67,37 +78,51 @@ def run_demo(cfg, out, seeds: int = 1) -> dict:
     seeds > 1); writes out/ablation.md and out/ablation.json (mean ± std over the seeds per cell)."""
     t_start = time.perf_counter()
     out = Path(out)
-    built = ensure_toy_data(TOY_ROOT, cfg.progress)
+    built = ensure_toy_data(cfg.data_root, cfg.progress)
     gen_dir = out / "generated"
     generate.main(["--backend", "toy", "--out", str(gen_dir), "--num-images", str(DEMO_NUM_GENERATED),
                    *([] if cfg.progress else ["--no-progress"])])
     seconds = {"data": round(time.perf_counter() - t_start, 1)}
-    per_seed = []
+    per_seed, pseudo_per_seed = [], []
     for k in range(seeds):
         seed = cfg.seed + k
-        results, secs = run_ablation(replace(cfg, seed=seed), out if seeds == 1 else out / f"seed_{seed}", gen_dir)
-        per_seed.append({DEMO_ROWS[n]: {t: 100 * r[t]["mIoU"] for t in TOY_TARGETS} for n, r in results.items()})
+        results, quality, secs = run_ablation(replace(cfg, seed=seed), out if seeds == 1 else out / f"seed_{seed}",
+                                              gen_dir)
+        per_seed.append({DEMO_ROWS[n]: {**{t: 100 * r[t]["mIoU"] for t in TOY_TARGETS},
+                                        "mean": float(np.mean([100 * r[t]["mIoU"] for t in TOY_TARGETS]))}
+                         for n, r in results.items()})
+        pseudo_per_seed.append({DEMO_ROWS[n]: {PSEUDO_COLUMNS[k]: v for k, v in q.items()} for n, q in quality.items()})
         seconds.update({f"{n}" if seeds == 1 else f"{n} (seed {seed})": s for n, s in secs.items()})
-    table = {row: {} for row in per_seed[0]}
-    for row in table:
-        for col in (*TOY_TARGETS, "mean"):
-            values = [np.mean([s[row][t] for t in TOY_TARGETS]) if col == "mean" else s[row][col] for s in per_seed]
-            table[row][col] = (float(np.mean(values)), float(np.std(values, ddof=1)) if seeds > 1 else None)
-    spread = f"mean ± std over {seeds} seeds ({cfg.seed}..{cfg.seed + seeds - 1})" if seeds > 1 else \
+    table, pseudo = spread(per_seed), spread(pseudo_per_seed)
+    spread_note = f"mean ± std over {seeds} seeds ({cfg.seed}..{cfg.seed + seeds - 1})" if seeds > 1 else \
         f"one seed ({cfg.seed}); --seeds 3 gives the spread"
-    caption = (f"Toy ablation (ToyCity, tiny random-init model, {TOY_ITERS['warmup']} warmup + "
-               f"{TOY_ITERS['joint']} joint iterations at batch {TOY['batch_size']}, crops {TOY['crop_size']}; "
-               f"{DEMO_NUM_GENERATED} toy generated images, p_gen 28.6%; EMA alpha {cfg.ema_alpha} every "
-               f"{TOY['ema_every']} iterations (official: every 100 of 40k); refinement min area "
-               f"{RECIPES['toy']['sam_min_area']} px; mIoU % on the first {TOY['eval_max']} val images of each toy "
-               f"target, whole image at short side {TOY['test_short_side']}; {spread}).")
-    md = markdown_table(table, caption)
+    caption = (f"Toy ablation (ToyCity, tiny random-init model, {cfg.iters_warmup} warmup + {cfg.iters_joint} joint "
+               f"iterations at batch {cfg.batch_size}, crops {cfg.crop_size}; {DEMO_NUM_GENERATED} toy generated "
+               f"images, p_gen 28.6%; EMA alpha {cfg.ema_alpha} every {cfg.ema_every} iterations (official: every 100 "
+               f"of 40k); refinement min area {cfg.sam_min_area} px; mIoU % on the first {cfg.eval_max} val images of "
+               f"each toy target, whole image at short side {cfg.test_short_side}; {spread_note}).")
+    pseudo_caption = ("Pseudo labels of the generated images against ToyCity's hidden true labels (%, mean over each "
+                      "joint run's log steps; refined mIoU counts a dropped pixel as a miss; refined acc is over the "
+                      f"pixels refinement kept; {spread_note}).")
+    md = markdown_table(table, caption) + "\n\n" + markdown_table(pseudo, pseudo_caption)
     print(md)
     seconds["total"] = round(time.perf_counter() - t_start, 1)
-    summary = {"table": table, "per_seed": per_seed, "caption": caption, "seconds": seconds, "built_toycity": built}
+    summary = {"table": table, "per_seed": per_seed, "pseudo_labels": pseudo, "pseudo_per_seed": pseudo_per_seed,
+               "caption": caption, "seconds": seconds, "built_toycity": built}
     files.write_text(md + "\n", out / "ablation.md")
     files.write_json(summary, out / "ablation.json")
     return summary
+
+
+def spread(per_seed: list) -> dict:
+    """[{row: {column: value}} per seed] -> {row: {column: (mean, sample std or None for one seed)}}."""
+    out = {}
+    for row in per_seed[0]:
+        out[row] = {}
+        for col in per_seed[0][row]:
+            values = [s[row][col] for s in per_seed]
+            out[row][col] = (float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None)
+    return out
 
 
 def markdown_table(table: dict, caption: str) -> str:
@@ -123,7 +148,7 @@ def main(argv=None) -> dict:
         raise SystemExit(0)
     if own.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {own.seeds}")
-    cfg, _ = train_config.parse_args(rest)
+    cfg, _ = train_config.parse_args(["--recipe", "toy", "--data-root", TOY_ROOT, *rest])  # the flags given win
     return runs.exit_on_error("demo", cfg, lambda: run_demo(cfg, own.demo_out, own.seeds))
 
 

@@ -3,7 +3,7 @@
 It has SAM's point-predictor interface (refine.py's module docstring), so `refine.refine_pseudo_label` and training
 run unchanged without SAM weights: `set_image(image uint8 (H,W,3))` once, then
 `predict_points(points (P,K,2) xy, multimask=True) -> (masks bool (P,M,H,W), scores (P,M))`.
-`refine.build_predictor("toy")` imports it lazily. Part of the offline world next to toycity.py; it imports only ops (connected components, union-find).
+`refine.build_predictor("toy")` imports it lazily. Part of the offline world next to city.py; it imports only ops (connected components, union-find).
 
 Usage:
     from toyworld.sam import ToyPointPredictor

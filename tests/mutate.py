@@ -182,6 +182,11 @@ MUTATIONS = [
     ("points_cuda_unchecked_candidates", "csrc/sample_points.cpp",  # F3: the CPU op's checks, on the CUDA path too
      "  if (h[0] < 0 || h[1] >= num_components || h[2]) candidate_slots(", "  if (false) candidate_slots(",
      (f"{EMUL}::test_emul_points_reject_what_cpu_rejects",)),
+    # ---- issue 18: the toy recipe's CPU threads, applied where the runs start ----
+    ("train_ignores_cpu_threads", "train.py",  # a loaded machine: 30-50x slower toy iterations at 2 threads
+     "stop, ops.cpu_threads(cfg.cpu_threads):", "stop:", ("tests/test_threads.py",)),
+    ("cpu_threads_not_restored", "ops.py",  # train.main in-process leaves the caller's thread count as it was
+     "        if threads:\n            torch.set_num_threads(before)", "        pass", ("tests/test_threads.py",)),
 ]
 
 

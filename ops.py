@@ -16,6 +16,7 @@ Usage:
     python ops.py [--cuda]          # build the extension and check it against the references
 """
 import argparse
+import contextlib
 import os
 import re
 import subprocess
@@ -206,6 +207,39 @@ def _use_ext(impl):
                           f"{first_error(e)}); using the pure-PyTorch references (slower). Set CLOUDS_OPS_IMPL=ext "
                           f"to see the full error.", stacklevel=3)
         return False
+
+
+# ---- CPU threads (issue 18) ----
+
+THREADS_ENV = "CLOUDS_CPU_THREADS"
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int = 0):
+    """Run the block with `threads` intra-op threads (torch.set_num_threads: the OpenMP team of ATen ops, MKL, oneDNN
+    and the csrc/ kernels), then restore the previous count. Yields the count in effect.
+
+    0 keeps torch's default (one thread per core). Small tensors (the toy recipe: 1) gain little from a second thread
+    and lose much when other jobs share the cores: every op is an OpenMP fork/join, and when the scheduler has
+    descheduled one thread of the team, the others spin in libgomp's barrier until it runs again (a toy warmup beside
+    other jobs spent 80% of its CPU time there, 8.3 s per iteration against 0.32 s quiet; BENCHMARKS.md "Load").
+    The environment variable CLOUDS_CPU_THREADS overrides `threads`: a count, or "default" (torch's own setting,
+    as before issue 18; bench/bench_load.py measures both)."""
+    env = os.environ.get(THREADS_ENV, "")
+    if env:
+        if env != "default" and not env.isdigit():
+            raise ValueError(f"{THREADS_ENV} must be a thread count or 'default', got {env!r}")
+        threads = 0 if env == "default" else int(env)
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0 (0 = torch's default), got {threads}")
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        if threads:
+            torch.set_num_threads(before)
 
 
 # ---- which implementation runs, and why (train.py's preflight and log.txt) ----

@@ -527,7 +527,7 @@ def train(cfg: TrainConfig, notes=(), linger=False) -> dict:
     any file is written. Rank 0 then holds OUT/train.lock (runs.OutLock) until the run ends: a second run on the same
     --out fails at once. Stop signals: runs.StopFlag (`linger`: this process exits right after; main's docstring)."""
     env, lock = None, None
-    with runs.StopFlag(linger) as stop:
+    with runs.StopFlag(linger) as stop, ops.cpu_threads(cfg.cpu_threads):  # issue 18: --recipe toy runs 1 thread
         try:
             env = runs.setup_distributed(cfg.device)
             lock = runs.OutLock(Path(cfg.out)) if env.rank == 0 else None

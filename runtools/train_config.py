@@ -50,7 +50,7 @@ TOY_TARGETS = ("cityscapes", "bdd", "mapillary", "acdc_fog", "acdc_night", "acdc
 TOY = dict(
     preset="tiny", train_backbone=True, crop_size=192, scale_min=0.5, scale_max=2.0, test_short_side=256,
     batch_size=4, lr=5e-4, backbone_multiplier=1.0, schedule="constant", workers=0, log_every=20,
-    eval_sets=TOY_TARGETS, eval_max=25, ema_every=10)
+    eval_sets=TOY_TARGETS, eval_max=25, ema_every=10, cpu_threads=1)  # 1 thread: issue 18 (ops.cpu_threads)
 TOY_ITERS = {"warmup": 400, "joint": 200}
 # Sec. 3.3 toy scale: the official 5000 px threshold on 768x768 crops is 0.85% of the crop; the same share of a
 # 192x192 toy image is 312 px
@@ -152,6 +152,7 @@ class TrainConfig:
     # speed (ours)
     tf32: bool = _field(True, "TF32 matmuls/convs on CUDA; on: the official torch 1.9 default (§9.13)")
     profile: bool = _field(False, "CUDA-synchronized time_teacher/refine/student (extra syncs); off: host times")
+    cpu_threads: int = _field(0, "intra-op CPU threads (ops.cpu_threads); 0 = torch's default, one per core")
     allow_ops_fallback: bool = _field(False, "on CUDA, train with the pure-PyTorch ops when csrc/ does not build "
                                              "(several times slower); off: stop before training with the build error")
 
@@ -195,7 +196,7 @@ class TrainConfig:
         allowed("schedule", self.schedule, SCHEDULES)
         for name in self.eval_sets:
             allowed("evaluation set", name, EVAL_SETS)
-        for name in ("iters_warmup", "iters_joint", "eval_every", "eval_max", "workers"):
+        for name in ("iters_warmup", "iters_joint", "eval_every", "eval_max", "workers", "cpu_threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         for name in ("batch_size", "crop_size", "ema_every", "ckpt_every", "save_every", "log_every",

@@ -215,6 +215,11 @@ MUTATIONS = [
      "state.pseudo_conf[1] += refine.label_confusion(ref.to(state.device), truth)",
      "state.pseudo_conf[1] += refine.label_confusion(teacher, truth)",
      ("tests/test_train.py::test_pseudo_label_quality_is_logged_and_the_hidden_truth_never_trains",)),
+    # ---- issue 18: the toy recipe's CPU threads, applied where the runs start ----
+    ("train_ignores_cpu_threads", "train.py",  # a loaded machine: 30-50x slower toy iterations at 2 threads
+     "stop, ops.cpu_threads(cfg.cpu_threads):", "stop:", ("tests/test_threads.py",)),
+    ("cpu_threads_not_restored", "ops.py",  # train.main in-process leaves the caller's thread count as it was
+     "        if threads:\n            torch.set_num_threads(before)", "        pass", ("tests/test_threads.py",)),
 ]
 
 

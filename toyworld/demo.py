@@ -22,6 +22,7 @@ import numpy as np
 
 import data
 import generate
+import ops
 import train
 from runtools import files, runs, train_config
 from runtools.train_config import TOY_ROOT, TOY_TARGETS
@@ -149,7 +150,8 @@ def main(argv=None) -> dict:
     if own.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {own.seeds}")
     cfg, _ = train_config.parse_args(["--recipe", "toy", "--data-root", TOY_ROOT, *rest])  # the flags given win
-    return runs.exit_on_error("demo", cfg, lambda: run_demo(cfg, own.demo_out, own.seeds))
+    with ops.cpu_threads(cfg.cpu_threads):  # the toy recipe's threads for every stage (issue 18)
+        return runs.exit_on_error("demo", cfg, lambda: run_demo(cfg, own.demo_out, own.seeds))
 
 
 if __name__ == "__main__":

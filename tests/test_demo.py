@@ -26,3 +26,11 @@ def test_seeds_below_one_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         demo.main(["--seeds", "0"])
     assert e.value.code == 2 and "--seeds must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_trains_seed_flag_is_not_read_as_seeds(monkeypatch):
+    """`--seed 2` is train.py's seed (one ablation from seed 2), not an abbreviation of the demo's --seeds."""
+    calls = []
+    monkeypatch.setattr(demo, "run_demo", lambda cfg, out, seeds: calls.append((cfg.seed, str(out), seeds)))
+    demo.main(["--seed", "2", "--demo-out", "x"])
+    assert calls == [(2, "x", 1)]

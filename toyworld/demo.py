@@ -138,7 +138,9 @@ def markdown_table(table: dict, caption: str) -> str:
 def main(argv=None) -> dict:
     """`python -m toyworld.demo [--demo-out DIR] [--seeds N] [train.py flags]`: the same messages and exit codes as
     train.py."""
-    parser = argparse.ArgumentParser(prog="python -m toyworld.demo", description=__doc__.split("\n")[0], add_help=False)
+    # allow_abbrev=False: train.py's --seed must not be read as an abbreviation of --seeds
+    parser = argparse.ArgumentParser(prog="python -m toyworld.demo", description=__doc__.split("\n")[0], add_help=False,
+                                     allow_abbrev=False)
     parser.add_argument("--demo-out", default="runs/demo", help="output folder (its runs are rewritten every time)")
     parser.add_argument("--seeds", type=int, default=1, help="run the ablation this many times (seeds --seed, "
                                                              "--seed + 1, ...) and report mean ± std")

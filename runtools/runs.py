@@ -615,6 +615,7 @@ def pseudo_label_quality(state) -> dict:
     if state.world > 1:
         dist.all_reduce(conf)
     state.pseudo_conf.zero_()
+    conf = conf.cpu()  # one transfer per log step for both
     teacher, refined = refine.label_quality(conf[0]), refine.label_quality(conf[1])
     if not teacher["pixels"]:
         return {}

@@ -400,6 +400,8 @@ def test_pseudo_label_quality_is_logged_and_the_hidden_truth_never_trains(run_al
         for key in ("pseudo_teacher_mIoU", "pseudo_teacher_acc", "pseudo_refined_mIoU", "pseudo_refined_acc",
                     "pseudo_dropped"):
             assert 0 <= r[key] <= 1, (key, r[key])
+    # the refined column scores the refined labels: the toy SAM changes them (the teacher column is the argmax's)
+    assert any(r["pseudo_refined_acc"] != r["pseudo_teacher_acc"] for r in scored)
     assert [r["loss"] for r in recs] == [r["loss"] for r in recs_noisy]  # the truth changed, training did not
     assert_same(load(out / "last.pt")["model"], load(out_noisy / "last.pt")["model"])
     # noise as truth: the same pseudo labels score differently (so the numbers do come from the truth)

@@ -432,17 +432,22 @@ def test_disk_full_under_the_metrics_log(toy_root, tmp_path, monkeypatch, capsys
 
 @contextlib.contextmanager
 def tmpfs(path, options):
-    """A tmpfs mounted at `path` (root only; skips where mounting is not allowed)."""
+    """A tmpfs mounted at `path` (callers run as root: NEEDS_ROOT); skips, naming mount's error, where the container
+    does not allow mounting."""
     path.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("needs root and permission to mount a tmpfs")
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(reason=f"mounting a tmpfs is not allowed here: {mount.stderr.strip() or mount.returncode}")
     try:
         yield path
     finally:
         subprocess.run(["umount", "--lazy", str(path)], check=True)  # lazy: never left mounted, even if busy
 
 
+NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+
+
+@NEEDS_ROOT
 def test_disk_full_for_real(toy_root, tmp_path, capsys):
     """The same on a real 100 MB file system (the tiny run's last.pt is 56 MB: the second save cannot fit)."""
     with tmpfs(tmp_path / "small", "size=100m") as small:

@@ -139,7 +139,7 @@ class SamPointPredictor:
         the model's device, so the image never visits the host (when it is already there)."""
         pred = self.predictor
         if not (pred.device.type != "cpu" if self.torch_image is None else self.torch_image):
-            pred.set_image(_hwc_numpy(image))
+            pred.set_image(hwc_numpy(image))
             return
         image = torch.as_tensor(image).to(pred.device, non_blocking=True)
         if image.dim() != 3 or image.dtype != torch.uint8 or 3 not in (image.shape[0], image.shape[-1]):
@@ -199,7 +199,7 @@ def _predict_positive_points(pred, coords, multimask):
     return masks > model.mask_threshold, scores
 
 
-def _hwc_numpy(image) -> np.ndarray:
+def hwc_numpy(image) -> np.ndarray:
     """uint8 (H, W, 3) numpy image from a numpy array or tensor, (H, W, 3) or (3, H, W) (data.py samples)."""
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu()

@@ -31,7 +31,7 @@ ALLOWED = {
     "toyworld.scene": {"toyworld.parts"},
     "toyworld.paint": {"toyworld.parts"},
     "toyworld.city": {"toyworld.parts", "toyworld.scene", "toyworld.paint"} | UTILS,
-    "toyworld.sam": {"ops"},
+    "toyworld.sam": {"ops", "refine"},
     "toyworld.demo": PROJECT - {"toyworld.demo"},
 }
 # Imports a file may make only inside a function, when the feature is asked for: refine.py still runs with only ops.py

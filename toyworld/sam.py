@@ -3,7 +3,8 @@
 It has SAM's point-predictor interface (refine.py's module docstring), so `refine.refine_pseudo_label` and training
 run unchanged without SAM weights: `set_image(image uint8 (H,W,3))` once, then
 `predict_points(points (P,K,2) xy, multimask=True) -> (masks bool (P,M,H,W), scores (P,M))`.
-`refine.build_predictor("toy")` imports it lazily. Part of the offline world next to city.py; it imports only ops (connected components, union-find).
+`refine.build_predictor("toy")` imports it lazily. Part of the offline world next to city.py; it imports ops (connected components,
+union-find) and refine (hwc_numpy).
 
 Usage:
     from toyworld.sam import ToyPointPredictor
@@ -14,22 +15,9 @@ import torch
 import torch.nn.functional as F
 
 import ops
+import refine  # hwc_numpy (refine imports this file only inside build_predictor("toy"))
 
 # ---- helpers ----
-
-def _hwc_numpy(image) -> np.ndarray:
-    """uint8 (H, W, 3) numpy image from a numpy array or tensor, (H, W, 3) or (3, H, W) (data.py samples).
-    The same as refine.py's (copied because toysam.py imports only ops)."""
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu()
-        if image.dim() == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
-            image = image.permute(1, 2, 0)                                      # (3, H, W) -> (H, W, 3)
-        image = image.numpy()
-    image = np.ascontiguousarray(image)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"expected a uint8 RGB image (H, W, 3) or (3, H, W), got {image.dtype} {image.shape}")
-    return image
-
 
 def _neighbour_pairs(regions: torch.Tensor):
     """Region ids of all horizontally and vertically adjacent pixel pairs: (a, b), each (h*(w-1) + (h-1)*w,)."""
@@ -67,7 +55,7 @@ class ToyPointPredictor:
 
     def set_image(self, image: np.ndarray):
         """image: uint8 (H, W, 3) RGB. Builds the three region levels at the working resolution."""
-        img = torch.tensor(_hwc_numpy(image)).permute(2, 0, 1)[None].float()   # (1, 3, H, W)
+        img = torch.tensor(refine.hwc_numpy(image)).permute(2, 0, 1)[None].float()   # (1, 3, H, W)
         self.size = tuple(img.shape[-2:])
         scale = min(1.0, self.work_size / max(self.size))
         if scale < 1:

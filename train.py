@@ -406,12 +406,13 @@ def build_state(cfg, phase, model, env, inputs, last, max_iter) -> RunState:
         teacher = copy.deepcopy(model.sem_seg_head if source is None else source).requires_grad_(False).eval()
     # ToyCity's generated images carry their hidden true labels (never targets): pseudo-label quality is measured
     truths = joint and any(t is not None for t in getattr(inputs["generated"], "truths", ()) or ())
-    conf = torch.zeros(2, refine.NUM_CLASSES, refine.NUM_CLASSES + 1, dtype=torch.int64, device=env.device)
+    conf = torch.zeros(2, refine.NUM_CLASSES, refine.NUM_CLASSES + 1, dtype=torch.int64, device=env.device) \
+        if truths else None
     return RunState(cfg=cfg, phase=phase, model=model, student=student, teacher=teacher, params=params,
                     optimizer=optimizer, scheduler=scheduler, device=env.device, rank=env.rank, world=env.world,
                     predictor=inputs["predictor"] if joint else None, refine_cfg=inputs["refine_cfg"],
                     generator=torch.Generator(device=env.device), last=last, ema_source=source,
-                    pseudo_conf=conf if truths else None)
+                    pseudo_conf=conf)
 
 
 def run_phase(cfg, phase, model, env, inputs, out_dir) -> dict:

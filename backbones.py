@@ -276,6 +276,12 @@ class ViTBackbone(nn.Module):
             self.vit.eval()  # frozen weights run in eval mode (no drop path), as the frozen CLIP does
         return self
 
+    def freeze(self):
+        """From now on the ViT's weights are frozen (the joint phase after a warmup that trained them)."""
+        self.trainable = False
+        self.vit.requires_grad_(False)
+        return self.train(self.training)
+
     def forward(self, x):
         B, _, H, W = x.shape
         tunes = self.trainable or self.tuning != "frozen"

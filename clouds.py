@@ -185,6 +185,12 @@ class CLIPBackbone(nn.Module):
             self.clip_model.eval()  # official: frozen CLIP always runs in eval mode (BN stats, drop path)
         return self
 
+    def freeze(self):
+        """From now on frozen as the official CLIP is (the joint phase after a warmup that trained it)."""
+        self.trainable = False
+        self.clip_model.requires_grad_(False)
+        return self.train(self.training)
+
     def forward(self, x):
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()), \
                 torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):

@@ -377,9 +377,12 @@ def build_state(cfg, phase, model, env, inputs, last, max_iter) -> RunState:
     """The student (DDP-wrapped on several ranks), AdamW with the detectron2 groups, the LR schedule and, for the joint
     phase, the EMA teacher and SAM: the RunState of a fresh phase (runs.restore_state loads last.pt into it)."""
     joint = phase == "joint"
+    trains_backbone = cfg.train_backbone and not (joint and cfg.freeze_backbone_joint)
+    if cfg.train_backbone and not trains_backbone:  # --freeze-backbone-joint: the warmup trained it, now frozen
+        model.backbone.freeze()
     model.train()
     tunes = cfg.tuning != "frozen"  # issue 19: a Rein / LoRA adapter in the backbone trains
-    student = _Student(model, cfg.train_backbone or tunes).to(env.device)
+    student = _Student(model, trains_backbone or tunes).to(env.device)
     unused = freeze_unused(student, env.device)
     if unused and env.rank == 0:  # frozen from then on, so printed once
         print(f"[train] {len(unused)} trainable tensors are never used by the forward pass and stay frozen "
@@ -396,12 +399,14 @@ def build_state(cfg, phase, model, env, inputs, last, max_iter) -> RunState:
         student = nn.parallel.DistributedDataParallel(
             student, device_ids=[env.device.index] if env.device.type == "cuda" else None,
             find_unused_parameters=False)
-    modules = {"head": model.sem_seg_head, **({"backbone": model.backbone} if cfg.train_backbone else {}),
+    modules = {"head": model.sem_seg_head, **({"backbone": model.backbone} if trains_backbone else {}),
                **({"adapter": model.backbone} if tunes else {})}
-    optimizer = torch.optim.AdamW(param_groups(modules, cfg, cfg.lr), lr=cfg.lr)  # betas/eps: torch defaults
+    # betas/eps: torch defaults. fused: one kernel for every tensor on CUDA and the CPU (the official code, through
+    # detectron2, gets the per-tensor loop on the CPU and foreach on CUDA); the same update up to float rounding
+    optimizer = torch.optim.AdamW(param_groups(modules, cfg, cfg.lr), lr=cfg.lr, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule(cfg.schedule, max_iter, cfg.poly_power))
     teacher = source = None
-    if joint:  # Sec. 3.3: the EMA teacher copies the head only; the backbone is shared (frozen in the official code)
+    if joint:  # Sec. 3.3: the EMA teacher copies the head only; the backbone is shared (frozen officially)
         source = EMASource(model) if tunes else None  # a tuned adapter is averaged too (issue 19)
         teacher = copy.deepcopy(model.sem_seg_head if source is None else source).requires_grad_(False).eval()
     # ToyCity's generated images carry their hidden true labels (never targets): pseudo-label quality is measured
@@ -459,7 +464,6 @@ def run_phase(cfg, phase, model, env, inputs, out_dir) -> dict:
     results = phase_loop(state, loader, env, inputs, log, say, start, max_iter, paths)
     if main_rank:
         checkpoints.save_checkpoint(paths["model_final"], model)  # official: student only (no teacher, no SAM)
-        runs.write_plots(cfg, state, paths)
         if results:  # the per-class IoU of the phase's last evaluation
             say(f"[{phase}] per-class IoU (%) at iteration {max_iter}:\n" + evaluate.format_table(results))
     runs.barrier(env)

@@ -220,6 +220,17 @@ MUTATIONS = [
      "stop, ops.cpu_threads(cfg.cpu_threads):", "stop:", ("tests/test_threads.py",)),
     ("cpu_threads_not_restored", "ops.py",  # train.main in-process leaves the caller's thread count as it was
      "        if threads:\n            torch.set_num_threads(before)", "        pass", ("tests/test_threads.py",)),
+    # ---- issue 18: the toy joint phase keeps the warmup's backbone frozen (Sec. 3.1); the toy SAM's region cache ----
+    ("freeze_backbone_joint_ignored", "train.py",  # the joint phase would train the backbone the paper keeps frozen
+     "trains_backbone = cfg.train_backbone and not (joint and cfg.freeze_backbone_joint)",
+     "trains_backbone = cfg.train_backbone",
+     ("tests/test_train.py::test_freeze_backbone_joint_trains_the_backbone_in_the_warmup_only",)),
+    ("frozen_backbone_keeps_its_graph", "train.py",  # out of the optimizer but still back-propagated through
+     "        model.backbone.freeze()", "        pass",
+     ("tests/test_train.py::test_freeze_backbone_joint_trains_the_backbone_in_the_warmup_only",)),
+    ("toy_sam_cache_keyed_on_shape", "toyworld/sam.py",  # another image of the same size served stale regions
+     "key = (image.shape, hashlib.blake2b(image.data, digest_size=16).digest())", "key = (image.shape,)",
+     ("tests/test_refine.py::test_toy_predictor_cache_returns_what_a_fresh_predictor_computes",)),
 ]
 
 

@@ -376,6 +376,33 @@ def test_toy_refinement_sharpens_a_weak_teacher():
     assert np.mean(covered) >= 0.55
 
 
+def test_toy_predictor_cache_returns_what_a_fresh_predictor_computes():
+    """The region cache (keyed on the pixels): after other images and an eviction, every image's masks and scores
+    equal a fresh predictor's; a flipped or partly changed image is not served the cached levels, and a hit moves its
+    image to the back of the eviction queue. Catches a key on the shape only (or on a pixel sample), levels not
+    restored on a hit, a hit that keeps its old place."""
+    from toyworld import city
+    images = [city.render_with_label(TOY_PROMPTS[i], i, size=(64, 96))[0] for i in range(3)]
+    changed = images[0].copy()
+    changed[40:, 50:] = 255 - changed[40:, 50:]   # same shape, a corner changed
+    images += [images[0][:, ::-1].copy(), changed]
+    points = torch.tensor([[[10, 50], [30, 20], [80, 40], [50, 10], [5, 5]]])
+    built = []
+
+    class Counted(toysam.ToyPointPredictor):
+        def _build(self, image):
+            built.append(image)
+            return super()._build(image)
+    cached = Counted(cache_size=2)
+    # least recently used out: A B A(hit) C(-B) B(-A) A-flipped(-C) changed(-B) changed(hit)
+    for image in [images[0], images[1], images[0], images[2], images[1], images[3], images[4], images[4]]:
+        cached.set_image(image)
+        fresh = toysam.ToyPointPredictor(cache_size=0)
+        fresh.set_image(image)
+        (m1, s1), (m2, s2) = cached.predict_points(points), fresh.predict_points(points)
+        assert torch.equal(m1, m2) and torch.equal(s1, s2)
+    assert len(built) == 6 and len(cached._cache) == 2 and len(fresh._cache) == 0
+
 def test_cli_end_to_end(tmp_path, capsys):
     from toyworld import city
     from PIL import Image

@@ -118,6 +118,43 @@ def test_joint_starts_from_warmup_with_toy_sam(run_all):
     assert any(not torch.equal(student[f"sem_seg_head.{k}"], v) for k, v in teacher.items())
 
 
+
+def test_freeze_backbone_joint_trains_the_backbone_in_the_warmup_only(run_all, toy_root, gen_dir, tmp_path,
+                                                                       monkeypatch):
+    """--freeze-backbone-joint (--recipe toy): the warmup trains the backbone, the joint phase keeps it frozen (the
+    paper's frozen CLIP, Sec. 3.1) while the head trains, and AdamW holds only the head. Without the flag (run_all)
+    the joint phase changes the backbone too. Catches: the flag ignored, the backbone frozen in the warmup too, the
+    frozen backbone still handed to the optimizer."""
+    out, frozen = tmp_path / "frozen", []
+    forward = clouds.CLIPBackbone.forward
+
+    def spy(self, x):  # the backbone's output outside the frozen phase carries a graph, inside it none
+        feats = forward(self, x)
+        if torch.is_grad_enabled():  # the student's forward passes (the teacher and evaluation run without grad)
+            frozen.append(not any(f.requires_grad for f in feats.values()))
+        return feats
+    monkeypatch.setattr(clouds.CLIPBackbone, "forward", spy)
+    plotted = []
+    monkeypatch.setattr(train.runs, "plot_curves", lambda *a: plotted.append(a[-1]))
+    train.main(joint_args(toy_root, gen_dir, out, "--phase", "all", "--iters-warmup", "2", "--iters-joint", "2",
+                          "--freeze-backbone-joint", "--sam", "none", "--eval-every", "0"))
+    half = len(frozen) // 2  # per phase: freeze_unused's probe, then 2 steps; no graph through the joint backbone
+    assert half >= 2 and frozen == [False] * half + [True] * half, frozen
+    assert plotted == [out / "warmup" / "curves.png", out / "joint" / "curves.png"]  # once per phase, at its end
+    torch.manual_seed(0)  # train.py's init for --seed 0
+    init = clouds.build_model("tiny", train_backbone=True).state_dict()
+    warm, joint = (load(out / ph / "model_final.pt")["model"] for ph in ("warmup", "joint"))
+    backbone = [k for k in warm if k.startswith("backbone.clip_model.visual.trunk.")]
+    assert backbone and any(not torch.equal(warm[k], init[k]) for k in backbone)  # the warmup trained it
+    assert all(torch.equal(warm[k], joint[k]) for k in backbone)                  # the joint phase did not
+    assert any(not torch.equal(warm[k], joint[k]) for k in warm if k.startswith("sem_seg_head."))
+    groups = load(out / "joint" / "last.pt")["trainer"]["optimizer"]["param_groups"]
+    heads = [p for p in clouds.build_model("tiny").sem_seg_head.parameters() if p.requires_grad]
+    assert sum(len(g["params"]) for g in groups) <= len(heads)
+    unfrozen_warm, unfrozen_joint = (load(run_all[0] / ph / "model_final.pt")["model"] for ph in ("warmup", "joint"))
+    assert any(not torch.equal(unfrozen_warm[k], unfrozen_joint[k]) for k in backbone)
+
+
 # ---- resume ----
 
 

@@ -213,7 +213,7 @@ def test_recipe_toy_sets_the_demo_values_and_explicit_flags_win():
     for key, value in train_config.TOY.items():
         if key != "lr":
             assert getattr(cfg, key) == value, key
-    assert (cfg.lr, cfg.iters_joint, cfg.iters_warmup, cfg.data_root, cfg.sam) == (1e-3, 7, 400, "datasets_toy", "toy")
+    assert (cfg.lr, cfg.iters_joint, cfg.iters_warmup, cfg.data_root, cfg.sam) == (1e-3, 7, 300, "datasets_toy", "toy")
     assert cfg.sam_min_area == 312  # 5000 px on 768^2 -> the same share of 192^2
     assert "--preset tiny" in notes[0] and "--train-backbone," in notes[0] and "--lr" not in notes[0]
     assert train_config.parse_args([])[1] == [] and train_config.parse_args([])[0].lr == 1e-5

@@ -10,6 +10,9 @@ Usage:
     from toyworld.sam import ToyPointPredictor
     predictor = ToyPointPredictor(); predictor.set_image(image); masks, scores = predictor.predict_points(points)
 """
+import hashlib
+from collections import OrderedDict
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -48,14 +51,32 @@ class ToyPointPredictor:
 
     def __init__(self, thresholds=(24.0, 40.0, 64.0), work_size: int = 256, contrast: float = 35.0,
                  cell: float = 8.0, min_votes: int = 2, extra_frac: float = 0.5, hole_frac: float = 0.2,
-                 level_penalty: float = 0.5):
+                 level_penalty: float = 0.5, cache_size: int = 96):
         self.thresholds, self.work_size, self.contrast, self.cell = thresholds, work_size, contrast, cell
         self.min_votes, self.extra_frac, self.hole_frac = min_votes, extra_frac, hole_frac
         self.level_penalty = level_penalty
+        # set_image is a pure function of the pixels and self-training shows the same generated images again and
+        # again (the demo: 40 images x 2 flips): the region levels of the last `cache_size` images are kept (~1 MB each)
+        self.cache_size, self._cache = cache_size, OrderedDict()
 
     def set_image(self, image: np.ndarray):
-        """image: uint8 (H, W, 3) RGB. Builds the three region levels at the working resolution."""
-        img = torch.tensor(refine.hwc_numpy(image)).permute(2, 0, 1)[None].float()   # (1, 3, H, W)
+        """image: uint8 (H, W, 3) RGB. Builds the three region levels at the working resolution (or takes them from
+        the cache of recently seen images)."""
+        image = np.ascontiguousarray(refine.hwc_numpy(image))
+        key = (image.shape, hashlib.blake2b(image.data, digest_size=16).digest())
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            self.size, self.levels = self._cache[key]
+            return
+        self._build(image)
+        if self.cache_size > 0:
+            self._cache[key] = (self.size, self.levels)
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+
+    def _build(self, image: np.ndarray):
+        """The three region levels of `image` (uint8 (H, W, 3)) at the working resolution."""
+        img = torch.tensor(image).permute(2, 0, 1)[None].float()               # (1, 3, H, W)
         self.size = tuple(img.shape[-2:])
         scale = min(1.0, self.work_size / max(self.size))
         if scale < 1:

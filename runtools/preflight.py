@@ -122,9 +122,14 @@ def read_trainer(path) -> dict:
                               f"(the phase restarts from iteration 0), or start over with --overwrite") from e
 
 
+# OPTIM_FIELDS added after runs were saved without them: the value that reproduces what those runs did
+ADDED_FIELDS = {"freeze_backbone_joint": False}
+
+
 def config_changes(old: dict, new: dict) -> dict:
     """{field: (old, new)} for the OPTIM_FIELDS that differ between the saved config.json and this run."""
     norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731 (JSON has lists)
+    old = {**{k: v for k, v in ADDED_FIELDS.items() if k not in old}, **old}
     return {k: (old[k], norm(new[k])) for k in OPTIM_FIELDS if k in old and k in new and old[k] != norm(new[k])}
 
 

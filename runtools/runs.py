@@ -305,6 +305,13 @@ def restore_state(path, state) -> int:
                            f"{(trainer or {}).get('phase')}); resume from the matching --out folder or drop --resume")
     fresh = [{k: g[k] for k in ("lr", "weight_decay")} for g in state.optimizer.param_groups]  # this run's config
     schedule = dict(vars(state.scheduler.lr_lambdas[0]))
+    saved = [len(g["params"]) for g in trainer["optimizer"]["param_groups"]]
+    if saved != [len(g["params"]) for g in state.optimizer.param_groups]:  # what trains changed (--allow-config-change)
+        now = [len(g["params"]) for g in state.optimizer.param_groups]
+        raise TrainError(f"{path} holds an optimizer over other tensors ({len(saved)} groups, {sum(saved)} tensors) "
+                         f"than this run trains ({len(now)} groups, {sum(now)} tensors): --train-backbone, "
+                         f"--freeze-backbone-joint, --tuning or --backbone changed. "
+                         f"Resume with the old values, or start over with --overwrite")
     state.optimizer.load_state_dict(trainer["optimizer"])
     state.scheduler.load_state_dict(trainer["scheduler"])  # restores the saved LRSchedule fields too
     # This run's hyperparameters take effect from the resumed iteration (the preflight refused any change without

@@ -145,6 +145,27 @@ def test_sigint_saves_last_pt_and_resume_matches_straight_run(toy_root, tmp_path
     assert "resuming warmup from iteration 2" in (out / "log.txt").read_text()
 
 
+def test_resume_names_a_change_of_what_trains(finished, toy_root, tmp_path, capsys):
+    """A config.json saved before --freeze-backbone-joint existed reads as the old behaviour (False): turning it on is
+    a change the preflight names. A resume that trains other tensors (--no-train-backbone, allowed) stops with one
+    message naming the flags (exit 1), not the optimizer's traceback, and leaves last.pt as it was."""
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("last.pt", "metrics.jsonl"):
+        (out / name).write_bytes((finished / name).read_bytes())
+    config = json.loads((finished / "config.json").read_text())
+    del config["freeze_backbone_joint"]  # as written before the field existed
+    (out / "config.json").write_text(json.dumps(config))
+    assert run_exit(warmup_args(toy_root, out, "--iters-warmup", "3", "--lr", "1e-3", "--resume",
+                                "--freeze-backbone-joint")) == 2
+    assert "freeze_backbone_joint False -> True" in capsys.readouterr().err
+    before = snapshot(out)
+    assert run_exit([*warmup_args(toy_root, out, "--iters-warmup", "3", "--lr", "1e-3", "--resume",
+                                  "--allow-config-change"), "--no-train-backbone"]) == 1
+    err = capsys.readouterr().err
+    assert "--train-backbone, --freeze-backbone-joint, --tuning or --backbone changed" in err and "Traceback" not in err
+    assert (out / "last.pt").read_bytes() == before["last.pt"][0]
+
 def test_resume_refuses_a_changed_lr_then_applies_it(finished, toy_root, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()

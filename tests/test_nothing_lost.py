@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -430,24 +431,36 @@ def test_disk_full_under_the_metrics_log(toy_root, tmp_path, monkeypatch, capsys
     assert "rerun the same command (with --resume once the run has started)" in err
 
 
+def _tmpfs_mount_error():
+    """None where this process can mount a tmpfs (root, and a container that allows it), else why not."""
+    if os.geteuid() != 0:
+        return "mounting a tmpfs needs root"
+    with tempfile.TemporaryDirectory() as d:
+        mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", d], capture_output=True, text=True)
+        if mount.returncode != 0:
+            return f"mounting a tmpfs is not allowed here: {mount.stderr.strip() or mount.returncode}"
+        subprocess.run(["umount", d], check=True)
+    return None
+
+
+MOUNT_ERROR = _tmpfs_mount_error()  # probed once, at collection
+
+
 @contextlib.contextmanager
 def tmpfs(path, options):
-    """A tmpfs mounted at `path` (callers run as root: NEEDS_ROOT); skips, naming mount's error, where the container
-    does not allow mounting."""
+    """A tmpfs mounted at `path` (callers are marked NEEDS_TMPFS, or check MOUNT_ERROR)."""
     path.mkdir(parents=True, exist_ok=True)
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
-    if mount.returncode != 0:
-        pytest.skip(reason=f"mounting a tmpfs is not allowed here: {mount.stderr.strip() or mount.returncode}")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True, capture_output=True)
     try:
         yield path
     finally:
         subprocess.run(["umount", "--lazy", str(path)], check=True)  # lazy: never left mounted, even if busy
 
 
-NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+NEEDS_TMPFS = pytest.mark.skipif(MOUNT_ERROR is not None, reason=str(MOUNT_ERROR))
 
 
-@NEEDS_ROOT
+@NEEDS_TMPFS
 def test_disk_full_for_real(toy_root, tmp_path, capsys):
     """The same on a real 100 MB file system (the tiny run's last.pt is 56 MB: the second save cannot fit)."""
     with tmpfs(tmp_path / "small", "size=100m") as small:
@@ -460,6 +473,8 @@ def test_disk_full_for_real(toy_root, tmp_path, capsys):
         assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.skipif(os.geteuid() == 0 and MOUNT_ERROR is not None,
+                    reason=f"as root only a read-only mount makes --out unwritable: {MOUNT_ERROR}")
 def test_read_only_out_is_a_preflight_problem(toy_root, tmp_path, capsys):
     """Case 6: a read-only --out gave a traceback at the first write."""
     if os.geteuid() == 0:

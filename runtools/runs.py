@@ -306,8 +306,8 @@ def restore_state(path, state) -> int:
     fresh = [{k: g[k] for k in ("lr", "weight_decay")} for g in state.optimizer.param_groups]  # this run's config
     schedule = dict(vars(state.scheduler.lr_lambdas[0]))
     saved = [len(g["params"]) for g in trainer["optimizer"]["param_groups"]]
-    if saved != [len(g["params"]) for g in state.optimizer.param_groups]:  # what trains changed (--allow-config-change)
-        now = [len(g["params"]) for g in state.optimizer.param_groups]
+    now = [len(g["params"]) for g in state.optimizer.param_groups]
+    if saved != now:  # what trains changed (--allow-config-change)
         raise TrainError(f"{path} holds an optimizer over other tensors ({len(saved)} groups, {sum(saved)} tensors) "
                          f"than this run trains ({len(now)} groups, {sum(now)} tensors): --train-backbone, "
                          f"--freeze-backbone-joint, --tuning or --backbone changed. "

@@ -136,7 +136,8 @@ MUTATIONS = [
      "if False:", ("tests/test_gpu_path.py::test_stop_during_evaluation_saves_then_resume_redoes_the_evaluation",)),
     ("rank0_writes_before_the_verdict", "train.py",  # finding 6: the preflight race
      "    if runs.any_rank(env, problems is not None):", "    if problems is not None:",
-     (f"{MULTI}::test_rank0_writes_nothing_before_every_rank_checked_out",)),
+     (f"{MULTI}::test_rank0_writes_nothing_before_every_rank_checked_out",
+      f"{MULTI}::test_a_problem_on_rank_1_alone_stops_rank_0_before_it_writes")),
     ("cuda_build_failure_ignored", "runtools/preflight.py",  # finding 4: stop before training, name the first error
      "    if cfg.allow_ops_fallback:\n        ops.fallback(problem)", "    if True:\n        ops.fallback(problem)",
      ("tests/test_gpu_path.py::test_cuda_build_failure_is_a_problem_with_the_first_compiler_error",)),

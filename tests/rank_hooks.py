@@ -9,6 +9,7 @@ Environment:
               stopped_<rank> (when a stop reached it, after the barrier)
   HOOKS_SLOW  seconds to sleep after each iteration and before each evaluation image (so a signal lands there)
   HOOKS_DELAY_RANK1_PREFLIGHT  seconds rank 1's preflight waits before it checks (the preflight race)
+  HOOKS_RANK1_PROBLEM  rank 1's preflight (only) finds this problem; locked_<rank> marks a rank that took --out's lock
   HOOKS_SLOW_SAVE  seconds every save of last.pt takes longer
 """
 import os
@@ -68,12 +69,21 @@ def delayed_preflight(cfg, env, *args, **kwargs):
     if env.rank == 1:
         time.sleep(float(os.environ.get("HOOKS_DELAY_RANK1_PREFLIGHT", "0")))
     try:
+        if env.rank == 1 and os.environ.get("HOOKS_RANK1_PROBLEM"):
+            raise runs.Problems([os.environ["HOOKS_RANK1_PROBLEM"]])
         return check(cfg, env, *args, **kwargs)
     finally:
         (hooks / f"preflight_{rank}").write_text(repr(time.time()))
 
 
+def marked_acquire(lock, *args, **kwargs):
+    (hooks / f"locked_{rank}").write_text(repr(time.time()))
+    return acquire(lock, *args, **kwargs)
+
+
+acquire = runs.OutLock.acquire
 runs.after_iteration, evaluate.evaluate_model, preflight.preflight = after, slow_evaluation, delayed_preflight
+runs.OutLock.acquire = marked_acquire
 runs.save_state = slow_save
 sys.argv = [str(ROOT / "train.py"), *sys.argv[1:]]
 runpy.run_path(str(ROOT / "train.py"), run_name="__main__")

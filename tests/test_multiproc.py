@@ -180,6 +180,22 @@ def test_rank0_writes_nothing_before_every_rank_checked_out(data_root, tmp_path)
     assert "already holds a run" not in log(hooks, 1)
 
 
+def test_a_problem_on_rank_1_alone_stops_rank_0_before_it_writes(data_root, tmp_path):
+    """Rank 1 alone finds a problem (a dataset missing on its node), 2 s after rank 0 passed its own preflight. Rank 0
+    waits for the ranks' verdict and stops quietly: it never takes --out's lock. Deciding on its own verdict, it would
+    lock --out and wait at a collective that rank 1 never joins."""
+    hooks, out = tmp_path / "hooks", tmp_path / "out"
+    argv = [*TINY, "--data-root", str(data_root), "--out", str(out), "--phase", "warmup", "--iters-warmup", "1",
+            "--eval-every", "0"]
+    proc = torchrun(hooks, argv, HOOKS_DELAY_RANK1_PREFLIGHT=2, HOOKS_RANK1_PROBLEM="gta5 is missing on node 1")
+    output = finish(proc)
+    assert proc.returncode != 0, output[-2000:]
+    assert "gta5 is missing on node 1" in log(hooks, 1) and (hooks / "preflight_0").exists()
+    assert not (hooks / "locked_0").exists(), "rank 0 took the lock before rank 1's verdict\n" + log(hooks, 0)[-3000:]
+    assert "Traceback" not in log(hooks, 0), log(hooks, 0)[-3000:]
+    assert not (out / "log.txt").exists() and not (out / "config.json").exists()
+
+
 # ---- a killed build ----
 
 

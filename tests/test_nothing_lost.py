@@ -82,7 +82,8 @@ def finished(toy_root, tmp_path_factory):
             train.main(warmup_args(toy_root, out, "--iters-warmup", "2", "--lr", "1e-3"))
     finally:
         os.umask(old)
-    return out, buf.getvalue()
+    yield out, buf.getvalue()
+    shutil.rmtree(out, ignore_errors=True)  # pytest.ini: the suite keeps its disk use small
 
 
 # ---- 1. an output folder is never (in) an input folder ----

@@ -41,7 +41,8 @@ def run_all(toy_root, gen_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run_all")
     result = train.main(joint_args(toy_root, gen_dir, out, "--phase", "all", "--iters-warmup", "2", "--iters-joint",
                                    "2", "--eval-every", "2", "--eval-max", "1", "--eval-sets", "cityscapes"))
-    return out, result
+    yield out, result
+    shutil.rmtree(out, ignore_errors=True)  # pytest.ini: the suite keeps its disk use small
 
 
 def joint_args(toy_root, gen_dir, out, *extra):

@@ -6,6 +6,7 @@ Training runs use the random-init `tiny` preset, 64 px crops, batch 2, warmup on
 """
 import json
 import os
+import shutil
 import signal
 
 import pytest
@@ -52,7 +53,8 @@ def finished(toy_root, tmp_path_factory):
     """A finished 2-iteration warmup run (lr 1e-3, poly schedule)."""
     out = tmp_path_factory.mktemp("finished")
     train.main(warmup_args(toy_root, out, "--iters-warmup", "2", "--lr", "1e-3"))
-    return out
+    yield out
+    shutil.rmtree(out, ignore_errors=True)  # pytest.ini: the suite keeps its disk use small
 
 
 # ---- the preflight ----

@@ -9,6 +9,7 @@ flipped `image`, and the generated images on disk have a known content to compar
 """
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -166,7 +167,9 @@ def runs(inputs, tmp_path_factory):
             mp.undo()
             spies.out = d
             out[name] = spies
-    return out
+    yield out
+    for spies in out.values():
+        shutil.rmtree(spies.out, ignore_errors=True)  # pytest.ini: the suite keeps its disk use small
 
 
 def _load(path):

@@ -38,6 +38,7 @@ class Stages:
 
     def __init__(self):
         self.total, self.stack, self.run = {}, [], "setup"
+        self.threads = set()  # intra-op threads in force when each train run started
 
     def wrap(self, owner, attr, label):
         """Replace owner.attr by a timed wrapper counted under `label` (nested under the open stages)."""
@@ -92,6 +93,8 @@ def instrument(stages: Stages):
     train_fn = train.train
 
     def labelled(cfg, *args, **kwargs):
+        import torch
+        stages.threads.add(torch.get_num_threads())  # the demo's --cpu-threads, not the default
         stages.wrap(train, "_train", Path(cfg.out).name)  # re-wrapped per run: its own label
         try:
             return train_fn(cfg, *args, **kwargs)
@@ -124,7 +127,8 @@ def main(argv=None) -> dict:
     wall, cpu = time.perf_counter() - w0, cpu_seconds() - c0
     rows = stages.rows(wall, cpu)
     import torch
-    print(f"\n[bench_demo] torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "
+    threads = "/".join(str(n) for n in sorted(stages.threads)) or "?"
+    print(f"\n[bench_demo] torch {torch.__version__}, the runs used {threads} intra-op thread(s), "
           f"{os.cpu_count()} cores, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}, peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     print(f"| stage | calls | wall s | CPU s |\n|---|---:|---:|---:|")

@@ -232,6 +232,9 @@ MUTATIONS = [
     ("toy_sam_cache_keyed_on_shape", "toyworld/sam.py",  # another image of the same size served stale regions
      "key = (image.shape, hashlib.blake2b(image.data, digest_size=16).digest())", "key = (image.shape,)",
      ("tests/test_refine.py::test_toy_predictor_cache_returns_what_a_fresh_predictor_computes",)),
+    ("demo_table_of_all_toy_targets", "toyworld/demo.py",  # --eval-sets cityscapes: KeyError at the table
+     "for t in cfg.eval_sets}", "for t in TOY_TARGETS}",
+     ("tests/test_demo.py::test_the_table_has_the_sets_evaluated",)),
     ("old_config_missing_field_ignored", "runtools/preflight.py",  # an old toy run resumed frozen without a word
      "    old = {**{k: v for k, v in ADDED_FIELDS.items() if k not in old}, **old}", "    pass",
      ("tests/test_train_cli.py::test_resume_names_a_change_of_what_trains",)),

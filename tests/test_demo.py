@@ -1,4 +1,5 @@
 """toyworld/demo.py: the ablation table's spread over seeds (hand-computed), and its command line."""
+import json
 import math
 
 import pytest
@@ -34,3 +35,24 @@ def test_trains_seed_flag_is_not_read_as_seeds(monkeypatch):
     monkeypatch.setattr(demo, "run_demo", lambda cfg, out, seeds: calls.append((cfg.seed, str(out), seeds)))
     demo.main(["--seed", "2", "--demo-out", "x"])
     assert calls == [(2, "x", 1)]
+
+
+def test_the_table_has_the_sets_evaluated(monkeypatch, tmp_path):
+    """`--eval-sets cityscapes bdd` (a quicker demo): the table's columns are those two sets and their mean (it used
+    to look up all 7 toy targets, KeyError 'mapillary'); with --p-gen 0 the caption says so and there is no
+    pseudo-label table."""
+    miou = {"warmup": (0.10, 0.20), "source_only": (0.30, 0.15), "self_training": (0.25, 0.25), "refine": (0.40, 0.10)}
+    results = {n: {"cityscapes": {"mIoU": a}, "bdd": {"mIoU": b}} for n, (a, b) in miou.items()}
+    monkeypatch.setattr(demo, "ensure_toy_data", lambda root, progress: False)
+    monkeypatch.setattr(demo.generate, "main", lambda argv: None)
+    monkeypatch.setattr(demo, "run_ablation", lambda cfg, out, gen: (results, {}, {n: 1.0 for n in results}))
+    summary = demo.main(["--demo-out", str(tmp_path), "--eval-sets", "cityscapes", "bdd", "--p-gen", "0",
+                         "--no-progress"])
+    row = summary["table"][demo.DEMO_ROWS["refine"]]
+    assert list(row) == ["cityscapes", "bdd", "mean"]
+    assert row["cityscapes"] == pytest.approx((40.0, None)) and row["mean"] == pytest.approx((25.0, None))
+    assert summary["table"][demo.DEMO_ROWS["warmup"]]["mean"] == pytest.approx((15.0, None))
+    md = (tmp_path / "ablation.md").read_text()
+    assert "| + generated + refinement (toy SAM) | 40.00 | 10.00 | 25.00 |" in md and "teacher mIoU" not in md
+    assert json.loads((tmp_path / "ablation.json").read_text())["pseudo_labels"] == {}
+    assert "p_gen 0.0% (--p-gen)" in md  # the flag given, not the official share

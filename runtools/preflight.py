@@ -27,8 +27,8 @@ from runtools import runs
 RUN_FILES = ("config.json", "last.pt", "metrics.jsonl")
 # Fields that change the optimization: --resume refuses a change of any of them without --allow-config-change. Paths
 # are not compared (a moved dataset is the same data; its size is); nor is the number of ranks (StreamSampler).
-OPTIM_FIELDS = ("source", "phase", "preset", "train_backbone", "freeze_backbone_joint", "backbone_bf16", "classifier", "backbone", "tuning",
-                "rein_rank", "lora_rank", "lora_alpha", "lora_targets",
+OPTIM_FIELDS = ("source", "phase", "preset", "train_backbone", "freeze_backbone_joint", "backbone_bf16", "classifier",
+                "backbone", "tuning", "rein_rank", "lora_rank", "lora_alpha", "lora_targets",
                 "iters_warmup", "iters_joint", "lr", "schedule", "poly_power", "batch_size", "weight_decay",
                 "weight_decay_norm", "weight_decay_embed", "backbone_multiplier", "clip_grad", "crop_size",
                 "scale_min", "scale_max", "target_factor", "source_factor", "p_gen", "n_source", "n_generated",

@@ -13,7 +13,7 @@ SECTIONS = ("0. imports", "1. build csrc/", "2. CUDA op tests", "3. bench_ops", 
 
 def test_gpu_check_dry_run_writes_every_section(tmp_path):
     report = tmp_path / "gpu_report.md"
-    # the build cache test_multiproc's ranks share: csrc/ is built once in the suite (a fresh clone still builds it here)
+    # the build cache test_multiproc's ranks share: csrc/ is built once in the suite (a fresh clone builds it here)
     env = {"TORCH_EXTENSIONS_DIR": str(ROOT / ".cache/torch_extensions"), **os.environ, "PYTHON": sys.executable}
     run = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run", "--report", str(report),
                           "--work", str(tmp_path / "work")], cwd=tmp_path, env=env, capture_output=True, text=True)

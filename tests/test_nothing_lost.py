@@ -432,21 +432,6 @@ def test_disk_full_under_the_metrics_log(toy_root, tmp_path, monkeypatch, capsys
     assert "rerun the same command (with --resume once the run has started)" in err
 
 
-def _tmpfs_mount_error():
-    """None where this process can mount a tmpfs (root, and a container that allows it), else why not."""
-    if os.geteuid() != 0:
-        return "mounting a tmpfs needs root"
-    with tempfile.TemporaryDirectory() as d:
-        mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", d], capture_output=True, text=True)
-        if mount.returncode != 0:
-            return f"mounting a tmpfs is not allowed here: {mount.stderr.strip() or mount.returncode}"
-        subprocess.run(["umount", d], check=True)
-    return None
-
-
-MOUNT_ERROR = _tmpfs_mount_error()  # probed once, at collection
-
-
 @contextlib.contextmanager
 def tmpfs(path, options):
     """A tmpfs mounted at `path` (callers are marked NEEDS_TMPFS, or check MOUNT_ERROR)."""
@@ -456,6 +441,21 @@ def tmpfs(path, options):
         yield path
     finally:
         subprocess.run(["umount", "--lazy", str(path)], check=True)  # lazy: never left mounted, even if busy
+
+
+def _tmpfs_mount_error():
+    """None where this process can mount a tmpfs (root, and a container that allows it), else why not."""
+    if os.geteuid() != 0:
+        return "mounting a tmpfs needs root"
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            with tmpfs(Path(d), "size=1m"):
+                return None
+        except subprocess.CalledProcessError as e:
+            return f"mounting a tmpfs is not allowed here: {(e.stderr or b'').decode().strip() or e.returncode}"
+
+
+MOUNT_ERROR = _tmpfs_mount_error()  # probed once, at collection
 
 
 NEEDS_TMPFS = pytest.mark.skipif(MOUNT_ERROR is not None, reason=str(MOUNT_ERROR))
